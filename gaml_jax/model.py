@@ -1,0 +1,225 @@
+"""A Flax (linen) multi-exit BERT: HF ``BertModel``'s encoder with a classifier after every layer.
+
+Parameter names follow HF's module names (``layer_3/attention/self/query/kernel`` for
+``encoder.layer.3.attention.self.query.weight``) so that the weight mapping in
+``gaml_jax.weights`` stays mechanical.
+
+Besides the full ``__call__``, the embedding, one layer and one exit can each be applied on
+their own (``method=MultiExitBert.embed / .layer / .exit``) so that early-exit inference can
+run layer by layer and stop.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from gaml_jax.config import ModelConfig
+
+Array = jax.Array
+
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": functools.partial(nn.gelu, approximate=False),  # HF "gelu" is the exact erf form.
+    "gelu_new": functools.partial(nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(nn.gelu, approximate=True),
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def _dense(config: ModelConfig, features: int, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        dtype=config.compute_dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.normal(config.initializer_range),
+        name=name,
+    )
+
+
+def _layer_norm(config: ModelConfig, name: str = "LayerNorm") -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_eps, dtype=config.compute_dtype, param_dtype=jnp.float32, name=name
+    )
+
+
+def attention_bias(attention_mask: Array, dtype: jnp.dtype) -> Array:
+    """[batch, seq] 1/0 mask -> [batch, 1, 1, seq] additive bias, ``finfo.min`` on masked keys (as HF)."""
+    return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+@flax.struct.dataclass
+class MultiExitOutput:
+    logits: Array  # [exits, batch, labels]
+    hidden_states: tuple[Array, ...] | None = None  # embeddings, then every layer's output
+
+
+class BertEmbeddings(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids: Array, token_type_ids: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        embed = functools.partial(
+            nn.Embed,
+            features=cfg.hidden_size,
+            embedding_init=nn.initializers.normal(cfg.initializer_range),
+            dtype=cfg.compute_dtype,
+            param_dtype=jnp.float32,
+        )
+        positions = jnp.arange(input_ids.shape[-1])[None, :]
+        hidden = (
+            embed(cfg.vocab_size, name="word_embeddings")(input_ids)
+            + embed(cfg.type_vocab_size, name="token_type_embeddings")(token_type_ids)
+            + embed(cfg.max_position_embeddings, name="position_embeddings")(positions)
+        )
+        hidden = _layer_norm(cfg)(hidden)
+        return nn.Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden: Array, bias: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        heads = cfg.num_attention_heads
+        head_dim = cfg.hidden_size // heads
+
+        def split(x: Array) -> Array:  # [batch, seq, hidden] -> [batch, heads, seq, head_dim]
+            return x.reshape(x.shape[:2] + (heads, head_dim)).transpose(0, 2, 1, 3)
+
+        q = split(_dense(cfg, cfg.hidden_size, "query")(hidden))
+        k = split(_dense(cfg, cfg.hidden_size, "key")(hidden))
+        v = split(_dense(cfg, cfg.hidden_size, "value")(hidden))
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype) + bias
+        # Softmax in float32 even under bf16 compute: masked keys carry finfo.min.
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(cfg.compute_dtype)
+        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        context = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+        return context.transpose(0, 2, 1, 3).reshape(hidden.shape[:2] + (cfg.hidden_size,))
+
+
+class BertAddNorm(nn.Module):
+    """HF's ``BertSelfOutput`` / ``BertOutput``: dense, dropout, residual, LayerNorm."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, residual: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        x = _dense(cfg, cfg.hidden_size, "dense")(x)
+        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        return _layer_norm(cfg)(x + residual)
+
+
+class BertAttention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden: Array, bias: Array, deterministic: bool) -> Array:
+        context = BertSelfAttention(self.config, name="self")(hidden, bias, deterministic)
+        return BertAddNorm(self.config, name="output")(context, hidden, deterministic)
+
+
+class BertIntermediate(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden: Array) -> Array:
+        cfg = self.config
+        if cfg.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"Unsupported hidden_act {cfg.hidden_act!r}; known: {sorted(_ACTIVATIONS)}.")
+        return _ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "dense")(hidden))
+
+
+class BertLayer(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden: Array, bias: Array, deterministic: bool) -> Array:
+        attended = BertAttention(self.config, name="attention")(hidden, bias, deterministic)
+        inner = BertIntermediate(self.config, name="intermediate")(attended)
+        return BertAddNorm(self.config, name="output")(inner, attended, deterministic)
+
+
+class BertPooler(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden: Array) -> Array:
+        return jnp.tanh(_dense(self.config, self.config.hidden_size, "dense")(hidden[:, 0]))
+
+
+class MultiExitBert(nn.Module):
+    """BERT with an exit (pooler, dropout, classifier) after each layer in ``config.exits``.
+
+    Parameters: ``embeddings``, ``layer_{i}`` (0-based, as HF), ``pooler`` (shared) or
+    ``pooler_{k}`` (one per exit), and ``classifier_{k}`` for exit k.
+    """
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embeddings = BertEmbeddings(cfg)
+        self.layers = [BertLayer(cfg, name=f"layer_{i}") for i in range(cfg.num_hidden_layers)]
+        if cfg.shared_pooler:
+            self.pooler = BertPooler(cfg, name="pooler")
+        else:
+            self.poolers = [BertPooler(cfg, name=f"pooler_{k}") for k in range(cfg.num_exits)]
+        self.exit_dropout = nn.Dropout(cfg.exit_dropout)
+        self.classifiers = [_dense(cfg, cfg.num_labels, f"classifier_{k}") for k in range(cfg.num_exits)]
+
+    def embed(self, input_ids: Array, token_type_ids: Array | None = None, deterministic: bool = True) -> Array:
+        """[batch, seq] ids -> [batch, seq, hidden] embedding output."""
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        return self.embeddings(input_ids, token_type_ids, deterministic)
+
+    def layer(self, index: int, hidden: Array, attention_mask: Array, deterministic: bool = True) -> Array:
+        """Applies encoder layer ``index`` (0-based) to ``hidden`` under a [batch, seq] 1/0 mask."""
+        bias = attention_bias(attention_mask, self.config.compute_dtype)
+        return self.layers[index](hidden, bias, deterministic)
+
+    def pool(self, exit_index: int, hidden: Array) -> Array:
+        """Exit ``exit_index``'s pooler output: dense + tanh on the [CLS] state."""
+        pooler = self.pooler if self.config.shared_pooler else self.poolers[exit_index]
+        return pooler(hidden)
+
+    def exit(self, exit_index: int, hidden: Array, deterministic: bool = True) -> Array:
+        """Exit ``exit_index``: [batch, seq, hidden] layer output -> [batch, labels] float32 logits."""
+        pooled = self.exit_dropout(self.pool(exit_index, hidden), deterministic=deterministic)
+        return self.classifiers[exit_index](pooled).astype(jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        token_type_ids: Array | None = None,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+    ) -> MultiExitOutput:
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        hidden = self.embed(input_ids, token_type_ids, deterministic)
+        bias = attention_bias(attention_mask, self.config.compute_dtype)
+        exit_of_layer = {layer: k for k, layer in enumerate(self.config.exits)}
+        hidden_states, logits = [hidden], []
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, bias, deterministic)
+            hidden_states.append(hidden)
+            if i + 1 in exit_of_layer:
+                logits.append(self.exit(exit_of_layer[i + 1], hidden, deterministic))
+        return MultiExitOutput(
+            logits=jnp.stack(logits),
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+        )
