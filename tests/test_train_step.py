@@ -1,0 +1,170 @@
+"""The GAML step: against a numpy projection of separately computed gradients, and N devices
+against one device on the same global batch."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gaml_jax.config import ModelConfig
+from gaml_jax.losses import ce_loss, exit_weights, mutual_learning_loss
+from gaml_jax.model import MultiExitBert
+from gaml_jax.train_step import (
+    create_train_state,
+    data_mesh,
+    make_optimizer,
+    pmap_replicate,
+    pmap_step,
+    replicate,
+    shard_batch,
+    shard_map_step,
+    split_for_pmap,
+    train_step,
+)
+
+# No dropout: N devices draw other dropout masks than one device does, by design.
+CONFIG = ModelConfig(
+    vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+    max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+)
+BATCH, SEQ = 16, 12
+OPT = dict(total_steps=10, learning_rate=1e-3, exit_learning_rate=1e-2, warmup_steps=2, kd_weight=0.7)
+
+
+def make_batch(seed: int, config: ModelConfig = CONFIG) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, SEQ + 1, BATCH)
+    mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int32)
+    weights = np.ones(BATCH, np.float32)
+    weights[-3:] = 0.0  # padding examples, as in a padded last batch
+    labels = (rng.normal(size=BATCH).astype(np.float32) if config.is_regression
+              else rng.integers(0, config.num_labels, BATCH).astype(np.int32))
+    return {
+        "input_ids": (rng.integers(1, config.vocab_size, (BATCH, SEQ)) * mask).astype(np.int32),
+        "attention_mask": mask,
+        "token_type_ids": (rng.random((BATCH, SEQ)) < 0.3).astype(np.int32) * mask,
+        "labels": labels,
+        "weights": weights,
+    }
+
+
+def init_params(config: ModelConfig = CONFIG, seed: int = 0):
+    model = MultiExitBert(config)
+    params = model.init(jax.random.key(seed), jnp.ones((1, SEQ), jnp.int32))["params"]
+    # Non-trivial exits: random classifiers with a larger scale make the exits disagree.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x * 20 if str(p[0].key).startswith("classifier") else x, params
+    )
+    return model, params
+
+
+def _flat(tree) -> np.ndarray:
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
+def _unflat(vector: np.ndarray, like):
+    leaves, treedef = jax.tree.flatten(like)
+    out, i = [], 0
+    for leaf in leaves:
+        out.append(jnp.asarray(vector[i : i + leaf.size].reshape(leaf.shape), leaf.dtype))
+        i += leaf.size
+    return jax.tree.unflatten(treedef, out)
+
+
+@pytest.mark.parametrize("method", ["gaml", "ml", "ce"])
+@pytest.mark.parametrize("param_seed,batch_seed,conflicts", [(0, 1, False), (3, 5, True)])
+def test_step_matches_separate_grads_and_numpy_projection(method, param_seed, batch_seed, conflicts):
+    model, params = init_params(seed=param_seed)
+    batch = make_batch(batch_seed)
+    exit_w = exit_weights(CONFIG.exits, "layer")
+
+    def logits_of(p):
+        return model.apply({"params": p}, batch["input_ids"], attention_mask=batch["attention_mask"],
+                           token_type_ids=batch["token_type_ids"]).logits
+
+    ce_g = _flat(jax.grad(lambda p: ce_loss(logits_of(p), batch["labels"], batch["weights"], exit_w))(params))
+    kd_g = _flat(jax.grad(lambda p: mutual_learning_loss(logits_of(p), batch["weights"], 2.0))(params))
+    dot = ce_g @ kd_g
+    assert (dot < 0) == conflicts  # the seeds cover both branches of the projection
+    cosine = dot / np.sqrt((ce_g @ ce_g) * (kd_g @ kd_g))
+    if method == "gaml" and dot < 0:
+        kd_g = kd_g - dot / (ce_g @ ce_g) * ce_g
+    combined = ce_g if method == "ce" else ce_g + OPT["kd_weight"] * kd_g
+
+    # Reference: the aligned gradient through the rest of the chain (clip + AdamW), no GA link.
+    rest = make_optimizer(method="ce", **OPT)
+    updates, _ = rest.update(_unflat(combined, params), rest.init(params), params)
+    expected = jax.tree.map(lambda p, u: p + u, params, updates)
+
+    tx = make_optimizer(method=method, **OPT)
+    state = create_train_state(params, tx)
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, method=method, temperature=2.0))
+    new_state, metrics = step(state, {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(0))
+    np.testing.assert_allclose(_flat(new_state.params), _flat(expected), atol=1e-6)
+    assert int(new_state.step) == 1
+    if method != "ce":
+        # With align=False ("ml") the state still reports the conflict GA would have removed.
+        assert float(metrics["projected"]) == float(conflicts)
+        np.testing.assert_allclose(float(metrics["grad_cosine"]), cosine, rtol=1e-4)
+
+
+def test_vjp_and_grad_modes_agree():
+    model, params = init_params()
+    tx = make_optimizer(method="gaml", **OPT)
+    batch = {k: jnp.asarray(v) for k, v in make_batch(2).items()}
+    outs = []
+    for mode in ("vjp", "grad"):
+        step = jax.jit(functools.partial(train_step, model=model, tx=tx, grad_mode=mode))
+        outs.append(step(create_train_state(params, tx), batch, jax.random.key(0))[0].params)
+    np.testing.assert_allclose(_flat(outs[0]), _flat(outs[1]), atol=1e-7)
+
+
+def _run_one_device(config, params, model, batches, method):
+    tx = make_optimizer(method=method, **OPT)
+    state = create_train_state(params, tx)
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, method=method))
+    metrics = []
+    for b in batches:
+        state, m = step(state, {k: jnp.asarray(v) for k, v in b.items()}, jax.random.key(3))
+        metrics.append(m)
+    return state, metrics
+
+
+@pytest.mark.parametrize("method", ["gaml", "ce"])
+@pytest.mark.parametrize("regression", [False, True])
+def test_eight_devices_match_one_device(method, regression):
+    assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+    config = CONFIG.replace(num_labels=1) if regression else CONFIG
+    model, params = init_params(config)
+    batches = [make_batch(10 + i, config) for i in range(3)]
+    one, one_metrics = _run_one_device(config, params, model, batches, method)
+
+    tx = make_optimizer(method=method, **OPT)
+    mesh = data_mesh()
+    state = replicate(create_train_state(params, tx), mesh)
+    step = shard_map_step(functools.partial(train_step, model=model, tx=tx, method=method), mesh)
+    for i, b in enumerate(batches):
+        state, m = step(state, shard_batch(b, mesh), jax.random.key(3))
+        np.testing.assert_allclose(float(m["ce"]), float(one_metrics[i]["ce"]), rtol=1e-5)
+        np.testing.assert_allclose(float(m["kd"]), float(one_metrics[i]["kd"]), rtol=1e-5, atol=1e-7)
+    # AdamW divides by sqrt(v): rounding in near-zero gradients is amplified (STACK.md), hence 1e-4.
+    np.testing.assert_allclose(_flat(state.params), _flat(one.params), atol=1e-4)
+    assert int(state.step) == 3
+
+
+def test_pmap_matches_one_device():
+    model, params = init_params()
+    batches = [make_batch(20 + i) for i in range(3)]
+    one, _ = _run_one_device(CONFIG, params, model, batches, "gaml")
+    tx = make_optimizer(method="gaml", **OPT)
+    n = jax.local_device_count()
+    state = pmap_replicate(create_train_state(params, tx), n)
+    step = pmap_step(functools.partial(train_step, model=model, tx=tx))
+    for b in batches:
+        state, _ = step(state, split_for_pmap(b, n), jax.random.key(3))
+    per_device = [_flat(jax.tree.map(lambda x, i=i: x[i], state.params)) for i in range(n)]
+    for flat in per_device[1:]:
+        np.testing.assert_array_equal(flat, per_device[0])  # replicas never drift apart
+    np.testing.assert_allclose(per_device[0], _flat(one.params), atol=1e-4)
