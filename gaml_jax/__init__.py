@@ -1,4 +1,6 @@
 """gaml-jax: GAML-BERT (gradient aligned mutual learning for early-exit BERT) in JAX/Flax."""
 
+from gaml_jax.alignment import GradientAlignmentState, alignment_diagnostics, gradient_alignment
 from gaml_jax.config import ModelConfig
+from gaml_jax.losses import ce_loss, exit_weights, mutual_learning_loss, per_exit_ce
 from gaml_jax.model import MultiExitBert, MultiExitOutput
