@@ -4,3 +4,4 @@ from gaml_jax.alignment import GradientAlignmentState, alignment_diagnostics, gr
 from gaml_jax.config import ModelConfig
 from gaml_jax.losses import ce_loss, exit_weights, mutual_learning_loss, per_exit_ce
 from gaml_jax.model import MultiExitBert, MultiExitOutput
+from gaml_jax.weights import load_pretrained, load_tokenizer, save_converted, save_hf

