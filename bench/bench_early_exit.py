@@ -1,0 +1,168 @@
+"""Wall clock of real early exit against the fused full forward, next to the layer speed-up.
+
+Random-init models at MiniLM (6 x 384) and BERT-base (12 x 768) shapes, classifiers redrawn so
+that exits vary in confidence across examples (see ``make_params``); token inputs of length 64 (random word-piece
+ids, 24-64 real tokens then padding). The threshold is the one ``find_threshold`` picks on the
+full model's logits for the target layer speed-up. Each pass runs over all the examples, after a
+warm-up pass that compiles every shape the runner meets; full and early-exit passes alternate and
+the median pass is reported.
+
+    python -m bench.bench_early_exit --quick
+    python -m bench.bench_early_exit --shapes=minilm,bert-base
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gaml_jax.config import ModelConfig
+from gaml_jax.early_exit import EarlyExitRunner, exit_counts, find_threshold, speedup_layers
+from gaml_jax.model import MultiExitBert
+
+SHAPES = {
+    "minilm": dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536),
+    "bert-base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+}
+TARGET_RATIO = {1: 0.85, 32: 0.75}  # clock speed-up / layer speed-up wanted at about 2x
+CLS, SEP, FIRST_WORD = 101, 102, 1996  # bert-base-uncased vocabulary: [CLS], [SEP], first whole word
+
+
+def make_inputs(num_examples: int, seq_len: int, vocab_size: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(seq_len * 3 // 8, seq_len + 1, num_examples)
+    input_ids = rng.integers(FIRST_WORD, vocab_size, (num_examples, seq_len)).astype(np.int32)
+    input_ids[:, 0] = CLS
+    input_ids[np.arange(num_examples), lengths - 1] = SEP
+    attention_mask = (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int32)
+    input_ids *= attention_mask
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": np.zeros_like(input_ids),
+    }
+
+
+def make_params(model: MultiExitBert, data: dict[str, np.ndarray], seed: int) -> dict:
+    """Random init, then each exit's classifier redrawn so that its confidence varies across examples.
+
+    At init every exit says "uniform" (logits ~1e-2), and the random encoder maps all inputs to
+    nearly the same [CLS] state, so every example would leave at the same exit. Each classifier is
+    redrawn along a random direction, centred and scaled on the pooled states of ``data``: exit k's
+    logit gap is ~N(0, s_k^2) over the examples, s_k growing with depth as after training.
+    """
+    cfg = model.config
+    ids = jnp.asarray(data["input_ids"])
+    params = jax.jit(model.init)(jax.random.key(seed), ids[:1])["params"]
+    hidden_states = jax.jit(
+        lambda p, ids, mask: model.apply({"params": p}, ids, mask, output_hidden_states=True).hidden_states
+    )(params, ids, jnp.asarray(data["attention_mask"]))
+    for k, layer in enumerate(cfg.exits):
+        pooled = np.asarray(
+            model.apply({"params": params}, k, hidden_states[layer], method=MultiExitBert.pool)
+        )
+        rng = np.random.default_rng([seed, k])
+        kernel = rng.standard_normal((cfg.hidden_size, cfg.num_labels))
+        logits = pooled @ kernel
+        scale = (1 + 3 * k / max(cfg.num_exits - 1, 1)) / (logits.std(axis=0).mean() + 1e-12)
+        params[f"classifier_{k}"] = {
+            "kernel": jnp.asarray(kernel * scale, jnp.float32),
+            "bias": jnp.asarray(-logits.mean(axis=0) * scale, jnp.float32),
+        }
+    return params
+
+
+def batches(data: dict[str, np.ndarray], batch_size: int):
+    n = len(data["input_ids"])
+    for start in range(0, n, batch_size):
+        yield {k: v[start : start + batch_size] for k, v in data.items()}
+
+
+def time_pass(fn, data, batch_size) -> float:
+    start = time.perf_counter()
+    for batch in batches(data, batch_size):
+        fn(batch)
+    return time.perf_counter() - start
+
+
+def bench_shape(name: str, args) -> list[tuple]:
+    cfg = ModelConfig(**SHAPES[name])
+    model = MultiExitBert(cfg)
+    num_examples = args.examples or (32 if args.quick else {"minilm": 256, "bert-base": 64}[name])
+    data = make_inputs(num_examples, args.seq_len, cfg.vocab_size, args.seed)
+    params = make_params(model, data, args.seed)
+    runner = EarlyExitRunner(model, params)
+
+    exit_logits = np.concatenate([np.asarray(runner.full_forward(b)) for b in batches(data, 32)], axis=1)
+    threshold = find_threshold(exit_logits, args.criterion, args.target, cfg.num_hidden_layers, cfg.exits)
+    print(
+        f"\n{name}: {cfg.num_hidden_layers} layers x {cfg.hidden_size}, {num_examples} examples x {args.seq_len}"
+        f" tokens, {args.criterion} threshold {threshold:.6g} (simulated target {args.target}x)"
+    )
+
+    full = lambda batch: np.asarray(runner.full_forward(batch)[-1])  # the deepest exit's answer, on the host
+    results = []
+    for batch_size in args.batch_sizes:
+        layers_run = []
+        early = lambda batch: layers_run.append(runner.run(batch, args.criterion, threshold).layers_run)
+        time_pass(full, data, batch_size)  # warm-up: compiles every shape met
+        time_pass(early, data, batch_size)
+        full_times, early_times = [], []
+        for _ in range(args.repeats):
+            full_times.append(time_pass(full, data, batch_size))
+            layers_run.clear()
+            early_times.append(time_pass(early, data, batch_size))
+        layers_run = np.concatenate(layers_run)
+        exit_index = np.searchsorted(cfg.exits, layers_run)
+        layer_speedup = speedup_layers(layers_run, cfg.num_hidden_layers)
+        t_full, t_early = statistics.median(full_times), statistics.median(early_times)
+        clock_speedup = t_full / t_early
+        ratio = clock_speedup / layer_speedup
+        print(
+            f"  batch {batch_size:3d}: full {1e3 * t_full / num_examples:7.2f} ms/ex, early exit "
+            f"{1e3 * t_early / num_examples:7.2f} ms/ex | layer {layer_speedup:.3f}x  clock {clock_speedup:.3f}x"
+            f"  clock/layer {ratio:.3f} (target >= {TARGET_RATIO.get(batch_size, float('nan'))})"
+            f" | exits per exit {exit_counts(exit_index, cfg.num_exits).tolist()}"
+        )
+        results.append((name, batch_size, layer_speedup, clock_speedup, ratio))
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="MiniLM only, 32 examples, 1 timed pass.")
+    parser.add_argument("--shapes", default=None, help=f"Comma-separated, from {sorted(SHAPES)}.")
+    parser.add_argument("--examples", type=int, default=None, help="Examples per pass (default per shape).")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--criterion", default="entropy")
+    parser.add_argument("--target", type=float, default=2.0, help="Layer speed-up the threshold aims at.")
+    parser.add_argument("--repeats", type=int, default=None, help="Timed passes (median reported).")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    shapes = args.shapes.split(",") if args.shapes else (["minilm"] if args.quick else list(SHAPES))
+    args.repeats = args.repeats or (1 if args.quick else 3)
+
+    device = jax.devices()[0]
+    print(
+        f"jax {jax.__version__} on {device.platform}: {device.device_kind} x{jax.device_count()}; "
+        f"host {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+    )
+    results = [r for name in shapes for r in bench_shape(name, args)]
+    print("\nshape       batch  layer x  clock x  clock/layer")
+    for name, batch_size, layer, clock, ratio in results:
+        print(f"{name:10s} {batch_size:6d}  {layer:7.3f}  {clock:7.3f}  {ratio:11.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Early exit: criteria against numpy loops, the real runner against the full model's exits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gaml_jax.config import ModelConfig
+from gaml_jax.early_exit import (
+    CRITERIA,
+    EarlyExitRunner,
+    exit_counts,
+    exit_decisions,
+    find_threshold,
+    speedup_layers,
+)
+from gaml_jax.model import MultiExitBert
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=32,
+)
+SEQ = 12
+
+
+# ---------------------------------------------------------------------------- numpy references
+
+
+def reference_decisions(exit_logits, criterion, threshold, tolerance=0.1):
+    """One example and one exit at a time, straight from the definitions."""
+    num_exits, batch, num_labels = exit_logits.shape
+    out = []
+    for b in range(batch):
+        taken, count, previous = num_exits - 1, 0, None
+        for k in range(num_exits - 1):
+            z = exit_logits[k, b].astype(np.float64)
+            if criterion == "patience":
+                prediction = z[0] if num_labels == 1 else int(np.argmax(z))
+                if previous is not None:
+                    same = (
+                        abs(prediction - previous) < tolerance if num_labels == 1 else prediction == previous
+                    )
+                    count = count + 1 if same else 0
+                previous = prediction
+                stop = count >= threshold
+            else:
+                p = np.exp(z - z.max())
+                p /= p.sum()
+                if criterion == "entropy":
+                    stop = -np.sum(p * np.log(p)) / np.log(num_labels) < threshold
+                else:
+                    stop = p.max() >= threshold
+            if stop:
+                taken = k
+                break
+        out.append(taken)
+    return np.array(out)
+
+
+def random_exit_logits(seed, num_exits=5, batch=64, num_labels=3, scale=2.0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((num_exits, batch, num_labels)) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "criterion,thresholds",
+    [
+        ("entropy", [0.0, 0.3, 0.6, 0.9, 1.0]),
+        ("confidence", [0.4, 0.6, 0.8, 0.95, 1.0]),
+        ("patience", [1, 2, 3]),
+    ],
+)
+@pytest.mark.parametrize("num_labels", [2, 3])
+def test_criteria_match_numpy_reference(criterion, thresholds, num_labels):
+    exit_logits = random_exit_logits(0, num_labels=num_labels)
+    for threshold in thresholds:
+        np.testing.assert_array_equal(
+            exit_decisions(exit_logits, criterion, threshold),
+            reference_decisions(exit_logits, criterion, threshold),
+        )
+
+
+@pytest.mark.parametrize("tolerance", [0.05, 0.5])
+def test_regression_patience_matches_numpy_reference(tolerance):
+    rng = np.random.default_rng(1)
+    # A slowly drifting score: some steps change it by less than the tolerance, some by more.
+    exit_logits = np.cumsum(rng.standard_normal((6, 64, 1)) * 0.3, axis=0).astype(np.float32)
+    for patience in (1, 2, 3):
+        np.testing.assert_array_equal(
+            exit_decisions(exit_logits, "patience", patience, tolerance=tolerance),
+            reference_decisions(exit_logits, "patience", patience, tolerance),
+        )
+
+
+@pytest.mark.parametrize(
+    "criterion,tight_to_loose",
+    [
+        ("entropy", np.linspace(0.0, 1.0, 21)),
+        ("confidence", np.linspace(1.0, 0.3, 21)),
+        ("patience", [5, 4, 3, 2, 1]),
+    ],
+)
+def test_speedup_grows_as_threshold_loosens(criterion, tight_to_loose):
+    exit_logits = random_exit_logits(2, num_exits=6, num_labels=2, batch=200)
+    exit_layers = np.array([1, 2, 3, 4, 5, 6])
+    speedups = [
+        speedup_layers(exit_layers[exit_decisions(exit_logits, criterion, t)], 6) for t in tight_to_loose
+    ]
+    assert np.all(np.diff(speedups) >= 0), speedups
+    assert speedups[0] == 1.0 and speedups[-1] > 1.5
+
+
+@pytest.mark.parametrize("criterion", ["entropy", "confidence", "patience"])
+def test_find_threshold_reaches_target_and_is_tightest(criterion):
+    exit_logits = random_exit_logits(3, num_exits=6, num_labels=2, batch=200)
+    exit_layers = (2, 4, 6, 8, 10, 12)
+    layers = np.array(exit_layers)
+    speedup = lambda t: speedup_layers(layers[exit_decisions(exit_logits, criterion, t)], 12)
+    threshold = find_threshold(exit_logits, criterion, 1.6, 12, exit_layers)
+    assert speedup(threshold) >= 1.6
+    decisions = exit_decisions(exit_logits, criterion, threshold)
+    if criterion == "entropy":
+        tighter = [t for t in np.linspace(0, 1, 1001) if t < threshold]
+    elif criterion == "confidence":
+        tighter = [t for t in np.linspace(0, 1, 1001) if t > threshold]
+    else:
+        assert isinstance(threshold, int)
+        tighter = list(range(threshold + 1, 7))
+    # A tighter threshold misses the target or makes the very same decisions.
+    for t in tighter:
+        assert speedup(t) < 1.6 or np.array_equal(exit_decisions(exit_logits, criterion, t), decisions)
+    assert any(speedup(t) < 1.6 for t in tighter)
+
+
+def test_find_threshold_unreachable_target():
+    exit_logits = random_exit_logits(4, num_exits=3, num_labels=2)
+    with pytest.raises(ValueError, match="unreachable"):
+        find_threshold(exit_logits, "patience", 2.9, 3, (1, 2, 3))  # would need every example at exit 0
+
+
+def test_bad_criterion_and_threshold():
+    exit_logits = random_exit_logits(5, num_labels=2)
+    with pytest.raises(ValueError, match="confidence"):
+        exit_decisions(exit_logits, "margin", 0.5)
+    for criterion, threshold, valid in [
+        ("entropy", 1.5, r"\[0, 1\]"),
+        ("entropy", -0.1, r"\[0, 1\]"),
+        ("confidence", 1.01, r"\[0, 1\]"),
+        ("confidence", float("nan"), r"\[0, 1\]"),
+        ("patience", 0, "integer >= 1"),
+        ("patience", 1.5, "integer >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=valid):
+            exit_decisions(exit_logits, criterion, threshold)
+    regression = random_exit_logits(5, num_labels=1)
+    for criterion in ("entropy", "confidence"):
+        with pytest.raises(ValueError, match="patience"):
+            exit_decisions(regression, criterion, 0.5)
+    with pytest.raises(ValueError, match=">= 1"):
+        find_threshold(exit_logits, "entropy", 0.5, 5, (1, 2, 3, 4, 5))
+    assert sorted(CRITERIA) == ["confidence", "entropy", "patience"]
+
+
+# ---------------------------------------------------------------------------- the real runner
+
+
+def tiny_model(num_labels, exit_layers=None, seed=0, num_hidden_layers=3):
+    cfg = ModelConfig(
+        **{**TINY, "num_hidden_layers": num_hidden_layers}, num_labels=num_labels, exit_layers=exit_layers
+    )
+    model = MultiExitBert(cfg)
+    # Seeded numpy weights on the model's parameter shapes (compiling model.init costs seconds).
+    # Classifiers are drawn large, so that exit confidence varies across examples, and around a
+    # common kernel, so that exits often agree (as patience needs).
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, SEQ), jnp.int32))["params"]
+    rng = np.random.default_rng(seed)
+    common = rng.standard_normal((cfg.hidden_size, num_labels)) * 3
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "classifier" in name and "kernel" in name:
+            return jnp.asarray(common + rng.standard_normal(leaf.shape) * 2, jnp.float32)
+        value = rng.standard_normal(leaf.shape) * 0.1 + (1.0 if name.endswith("['scale']") else 0.0)
+        return jnp.asarray(value, jnp.float32)
+
+    return model, jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def tiny_batch(n, seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(4, SEQ + 1, n)
+    mask = (np.arange(SEQ)[None] < lengths[:, None]).astype(np.int32)
+    return {
+        "input_ids": rng.integers(1, TINY["vocab_size"], (n, SEQ)).astype(np.int32) * mask,
+        "attention_mask": mask,
+        "token_type_ids": (rng.random((n, SEQ)) < 0.5).astype(np.int32) * mask,
+    }
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    model, params = tiny_model(num_labels=3)
+    return model, EarlyExitRunner(model, params, batch_buckets=(1, 2, 4, 8))
+
+
+@pytest.mark.parametrize("criterion,target", [("entropy", 1.4), ("confidence", 1.4), ("patience", 1.1)])
+def test_runner_matches_full_model_at_each_exit(classifier, criterion, target):
+    model, runner = classifier
+    cfg = model.config
+    wide = np.asarray(runner.full_forward(tiny_batch(64, seed=100)))
+    threshold = find_threshold(wide, criterion, target, cfg.num_hidden_layers, cfg.exits)
+    exit_index = []
+    for n in (1, 6, 11):  # 6: not a bucket; 11: above the largest bucket
+        batch = tiny_batch(n, seed=n)
+        full = np.asarray(runner.full_forward(batch))  # [exits, batch, labels]
+        result = runner.run(batch, criterion, threshold)
+        # The runner decides exactly as the simulation on the full model's logits.
+        np.testing.assert_array_equal(result.exit_index, exit_decisions(full, criterion, threshold))
+        at_exit = full[result.exit_index, np.arange(n)]
+        np.testing.assert_allclose(result.logits, at_exit, atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(result.logits.argmax(-1), at_exit.argmax(-1))
+        np.testing.assert_array_equal(result.layers_run, np.array(cfg.exits)[result.exit_index])
+        exit_index.append(result.exit_index)
+    # Examples left early and at the deepest exit, so compaction was exercised.
+    taken = set(np.concatenate(exit_index).tolist())
+    assert cfg.num_exits - 1 in taken and len(taken) >= 2, taken
+
+
+def test_runner_exits_fire_and_never_exit(classifier):
+    model, runner = classifier
+    cfg = model.config
+    batch = tiny_batch(16, seed=7)
+    early = runner.run(batch, "confidence", 0.0)  # every example is confident enough at exit 0
+    np.testing.assert_array_equal(early.exit_index, np.zeros(16))
+    np.testing.assert_array_equal(early.layers_run, np.ones(16))
+    for criterion, never in [("entropy", 0.0), ("confidence", 1.0), ("patience", cfg.num_exits)]:
+        result = runner.run(batch, criterion, never)
+        np.testing.assert_array_equal(result.exit_index, np.full(16, cfg.num_exits - 1))
+        assert speedup_layers(result.layers_run, cfg.num_hidden_layers) == 1.0
+        np.testing.assert_array_equal(exit_counts(result.exit_index, cfg.num_exits), [0, 0, 16])
+
+
+def test_runner_regression_patience_with_sparse_exits():
+    model, params = tiny_model(num_labels=1, exit_layers=(1, 3, 4), seed=1, num_hidden_layers=4)
+    runner = EarlyExitRunner(model, params, batch_buckets=(1, 4))
+    batch = tiny_batch(7, seed=3)
+    full = np.asarray(runner.full_forward(batch))  # [3, 7, 1]
+    deltas = np.abs(full[1, :, 0] - full[0, :, 0])
+    tolerance = float(np.median(deltas))  # some examples count as unchanged at exit 1, some not
+    result = runner.run(batch, "patience", 1, tolerance=tolerance)
+    np.testing.assert_array_equal(result.exit_index, np.where(deltas < tolerance, 1, 2))
+    np.testing.assert_array_equal(result.layers_run, np.where(deltas < tolerance, 3, 4))
+    at_exit = full[result.exit_index, np.arange(7)]
+    np.testing.assert_allclose(result.logits, at_exit, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="patience"):
+        runner.run(batch, "entropy", 0.5)
