@@ -25,7 +25,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gaml_jax.model import MultiExitBert
@@ -36,8 +35,11 @@ PyTree = Any
 # STS-B scores span 0..5).
 DEFAULT_REGRESSION_TOLERANCE = 0.1
 # Batch sizes the runner compiles for; a batch is padded up to the next one. Beyond the largest,
-# a batch runs at its own size.
-DEFAULT_BATCH_BUCKETS = tuple(2**i for i in range(10))  # 1, 2, 4, ..., 512
+# a batch runs at its own size. Powers of two and 1.5x powers of two (1, 2, 3, 4, 6, 8, 12, ...,
+# 512) bound the padding to a third of a batch: at BERT-base shapes, batch 32 and a 2x layer
+# speed-up, powers of two alone turned 0.78 of the layer speed-up into wall clock, these 0.88.
+# Buckets cost few compilations, since all layers share one compiled function per bucket.
+DEFAULT_BATCH_BUCKETS = tuple(sorted({2**i for i in range(10)} | {3 * 2**i for i in range(8)}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,9 +55,9 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def normalized_entropy(logits: np.ndarray) -> np.ndarray:
     """[..., labels] logits -> [...] prediction entropy / log(labels), in [0, 1]."""
-    log_probs = _log_softmax(logits)
+    log_probs = _log_softmax(logits)  # <= 0, so the entropy is >= 0
     entropy = -(np.exp(log_probs) * log_probs).sum(axis=-1)
-    return np.clip(entropy / math.log(log_probs.shape[-1]), 0.0, 1.0)
+    return np.minimum(entropy / math.log(log_probs.shape[-1]), 1.0)
 
 
 def max_probability(logits: np.ndarray) -> np.ndarray:
@@ -311,8 +313,9 @@ class EarlyExitRunner:
             for k in range(cfg.num_exits)
         ]
 
-        def embed(p, input_ids, token_type_ids):
-            return model.apply({"params": p}, input_ids, token_type_ids, True, method=MultiExitBert.embed)
+        def embed(p, input_ids, token_type_ids, attention_mask):
+            hidden = model.apply({"params": p}, input_ids, token_type_ids, True, method=MultiExitBert.embed)
+            return hidden, attention_mask  # brings the mask to the device in the same call
 
         def layer(p, hidden, attention_mask):
             return model.apply({"params": p}, 0, hidden, attention_mask, True, method=MultiExitBert.layer)
@@ -361,9 +364,14 @@ class EarlyExitRunner:
         input_ids, attention_mask, token_type_ids = _inputs(batch)
         n = input_ids.shape[0]
         size = self.bucket(n)
-        pad = np.concatenate([np.arange(n), np.zeros(size - n, np.int64)])  # padding repeats row 0
-        hidden = self._embed(self._embed_params, input_ids[pad], token_type_ids[pad])
-        mask = jnp.asarray(attention_mask[pad])
+        if size > n:
+            pad = np.concatenate([np.arange(n), np.zeros(size - n, np.int64)])  # padding repeats row 0
+            input_ids, attention_mask, token_type_ids = (
+                input_ids[pad],
+                attention_mask[pad],
+                token_type_ids[pad],
+            )
+        hidden, mask = self._embed(self._embed_params, input_ids, token_type_ids, attention_mask)
 
         logits_out = np.zeros((n, cfg.num_labels), np.float32)
         exit_index = np.zeros(n, np.int64)
