@@ -128,12 +128,26 @@ class Criterion:
 
 CRITERIA: dict[str, Criterion] = {
     "entropy": Criterion(
-        entropy_step, 0.0, 1.0, False, False, looser_when_higher=True, score=normalized_entropy
+        entropy_step,
+        low=0.0,
+        high=1.0,
+        integer=False,
+        regression=False,
+        looser_when_higher=True,
+        score=normalized_entropy,
     ),
     "confidence": Criterion(
-        confidence_step, 0.0, 1.0, False, False, looser_when_higher=False, score=max_probability
+        confidence_step,
+        low=0.0,
+        high=1.0,
+        integer=False,
+        regression=False,
+        looser_when_higher=False,
+        score=max_probability,
     ),
-    "patience": Criterion(patience_step, 1, math.inf, True, True, looser_when_higher=False),
+    "patience": Criterion(
+        patience_step, low=1, high=math.inf, integer=True, regression=True, looser_when_higher=False
+    ),
 }
 
 
@@ -363,6 +377,8 @@ class EarlyExitRunner:
         crit, threshold = check_criterion(criterion, threshold, cfg.num_labels)
         input_ids, attention_mask, token_type_ids = _inputs(batch)
         n = input_ids.shape[0]
+        if n == 0:
+            raise ValueError("run() needs a batch of at least one example.")
         size = self.bucket(n)
         if size > n:
             pad = np.concatenate([np.arange(n), np.zeros(size - n, np.int64)])  # padding repeats row 0

@@ -170,9 +170,12 @@ def test_bad_criterion_and_threshold():
 # ---------------------------------------------------------------------------- the real runner
 
 
-def tiny_model(num_labels, exit_layers=None, seed=0, num_hidden_layers=3):
+def tiny_model(num_labels, exit_layers=None, seed=0, num_hidden_layers=3, shared_pooler=True):
     cfg = ModelConfig(
-        **{**TINY, "num_hidden_layers": num_hidden_layers}, num_labels=num_labels, exit_layers=exit_layers
+        **{**TINY, "num_hidden_layers": num_hidden_layers},
+        num_labels=num_labels,
+        exit_layers=exit_layers,
+        shared_pooler=shared_pooler,
     )
     model = MultiExitBert(cfg)
     # Seeded numpy weights on the model's parameter shapes (compiling model.init costs seconds).
@@ -247,7 +250,8 @@ def test_runner_exits_fire_and_never_exit(classifier):
 
 
 def test_runner_regression_patience_with_sparse_exits():
-    model, params = tiny_model(num_labels=1, exit_layers=(1, 3, 4), seed=1, num_hidden_layers=4)
+    # A layer without an exit, and one pooler per exit (DeeBERT style).
+    model, params = tiny_model(1, exit_layers=(1, 3, 4), seed=1, num_hidden_layers=4, shared_pooler=False)
     runner = EarlyExitRunner(model, params, batch_buckets=(1, 4))
     batch = tiny_batch(7, seed=3)
     full = np.asarray(runner.full_forward(batch))  # [3, 7, 1]
