@@ -5,3 +5,20 @@ from gaml_jax.config import ModelConfig
 from gaml_jax.losses import ce_loss, exit_weights, mutual_learning_loss, per_exit_ce
 from gaml_jax.model import MultiExitBert, MultiExitOutput
 from gaml_jax.weights import load_pretrained, load_tokenizer, save_converted, save_hf
+
+__all__ = [
+    "GradientAlignmentState",
+    "ModelConfig",
+    "MultiExitBert",
+    "MultiExitOutput",
+    "alignment_diagnostics",
+    "ce_loss",
+    "exit_weights",
+    "gradient_alignment",
+    "load_pretrained",
+    "load_tokenizer",
+    "mutual_learning_loss",
+    "per_exit_ce",
+    "save_converted",
+    "save_hf",
+]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -68,7 +69,8 @@ class ModelConfig:
             raise ValueError(f"num_labels must be >= 1 (1 = regression), got {self.num_labels}.")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}."
+                f"hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}."
             )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
@@ -95,7 +97,7 @@ class ModelConfig:
         return self.hidden_dropout_prob if self.classifier_dropout is None else self.classifier_dropout
 
     @classmethod
-    def from_hf(cls, hf_config: Mapping[str, Any], **overrides: Any) -> "ModelConfig":
+    def from_hf(cls, hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
         """Builds a config from a HF ``config.json`` dict (or ``BertConfig.to_dict()``)."""
         fields = {k: hf_config.get(k, default) for k, default in _HF_FIELDS.items()}
         if fields["classifier_dropout"] is None:
@@ -110,5 +112,5 @@ class ModelConfig:
         """The HF ``config.json`` fields of the encoder (for exporting a checkpoint)."""
         return {k: getattr(self, k) for k in _HF_FIELDS}
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

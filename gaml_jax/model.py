@@ -12,7 +12,7 @@ run layer by layer and stop.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import flax.struct
@@ -179,7 +179,9 @@ class MultiExitBert(nn.Module):
         self.exit_dropout = nn.Dropout(cfg.exit_dropout)
         self.classifiers = [_dense(cfg, cfg.num_labels, f"classifier_{k}") for k in range(cfg.num_exits)]
 
-    def embed(self, input_ids: Array, token_type_ids: Array | None = None, deterministic: bool = True) -> Array:
+    def embed(
+        self, input_ids: Array, token_type_ids: Array | None = None, deterministic: bool = True
+    ) -> Array:
         """[batch, seq] ids -> [batch, seq, hidden] embedding output."""
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)

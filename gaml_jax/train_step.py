@@ -14,7 +14,8 @@ form JAX recommends) or :func:`pmap_step` (the design card's ``jax.pmap``).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,7 +99,9 @@ def make_optimizer(
         links.append(gradient_alignment(kd_weight, per_tensor=per_tensor_alignment, align=method == "gaml"))
     if grad_clip_norm and grad_clip_norm > 0:
         links.append(optax.clip_by_global_norm(grad_clip_norm))
-    links.append(optax.multi_transform({"encoder": adamw(learning_rate), "exits": adamw(exit_learning_rate)}, labels))
+    links.append(
+        optax.multi_transform({"encoder": adamw(learning_rate), "exits": adamw(exit_learning_rate)}, labels)
+    )
     return optax.chain(*links)
 
 

@@ -26,8 +26,15 @@ from gaml_jax.train_step import (
 
 # No dropout: N devices draw other dropout masks than one device does, by design.
 CONFIG = ModelConfig(
-    vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
-    max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=32,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    num_labels=3,
 )
 BATCH, SEQ = 16, 12
 OPT = dict(total_steps=10, learning_rate=1e-3, exit_learning_rate=1e-2, warmup_steps=2, kd_weight=0.7)
@@ -39,8 +46,11 @@ def make_batch(seed: int, config: ModelConfig = CONFIG) -> dict[str, np.ndarray]
     mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int32)
     weights = np.ones(BATCH, np.float32)
     weights[-3:] = 0.0  # padding examples, as in a padded last batch
-    labels = (rng.normal(size=BATCH).astype(np.float32) if config.is_regression
-              else rng.integers(0, config.num_labels, BATCH).astype(np.int32))
+    labels = (
+        rng.normal(size=BATCH).astype(np.float32)
+        if config.is_regression
+        else rng.integers(0, config.num_labels, BATCH).astype(np.int32)
+    )
     return {
         "input_ids": (rng.integers(1, config.vocab_size, (BATCH, SEQ)) * mask).astype(np.int32),
         "attention_mask": mask,
@@ -81,8 +91,12 @@ def test_step_matches_separate_grads_and_numpy_projection(method, param_seed, ba
     exit_w = exit_weights(CONFIG.exits, "layer")
 
     def logits_of(p):
-        return model.apply({"params": p}, batch["input_ids"], attention_mask=batch["attention_mask"],
-                           token_type_ids=batch["token_type_ids"]).logits
+        return model.apply(
+            {"params": p},
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+        ).logits
 
     ce_g = _flat(jax.grad(lambda p: ce_loss(logits_of(p), batch["labels"], batch["weights"], exit_w))(params))
     kd_g = _flat(jax.grad(lambda p: mutual_learning_loss(logits_of(p), batch["weights"], 2.0))(params))

@@ -1,0 +1,150 @@
+"""Checkpoints of a training run: orbax ``CheckpointManager`` under ``WORKDIR/checkpoints``.
+
+Each checkpoint holds the parameters and the optimizer state (the step is its name), so a
+killed run resumes where it stopped. Orbax writes into a temporary folder and renames it
+when complete: a checkpoint is never half-written. The last ``keep`` checkpoints are kept,
+and the best one by dev score; ``best.json`` names it.
+
+The run's static description (model config, task, run config, tokenizer) is written once
+beside them so that ``eval.py`` needs nothing but the workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from gaml_jax.config import ModelConfig
+from gaml_jax.model import MultiExitBert
+
+PyTree = Any
+
+MODEL_CONFIG_FILE = "model_config.json"
+RUN_CONFIG_FILE = "config.json"
+TASK_FILE = "task.json"
+BEST_FILE = "best.json"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """Writes JSON through a temporary file and a rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    """Saves and restores ``(params, opt_state)`` by step; keeps the last ``keep`` and the best."""
+
+    def __init__(self, workdir: str | os.PathLike, keep: int = 2):
+        self.workdir = Path(workdir).absolute()
+        policy = pp.AnyPreservationPolicy(
+            [
+                pp.LatestN(n=keep),
+                pp.BestN(get_metric_fn=lambda m: m["score"], n=1, keep_checkpoints_without_metrics=False),
+            ]
+        )
+        self.manager = ocp.CheckpointManager(
+            self.workdir / CHECKPOINT_DIR,
+            options=ocp.CheckpointManagerOptions(
+                preservation_policy=policy, enable_async_checkpointing=False, create=True
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best(self) -> dict | None:
+        path = self.workdir / BEST_FILE
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def save(self, step: int, params: PyTree, opt_state: PyTree, score: float | None = None) -> None:
+        """Saves at ``step``; with a dev ``score`` (higher is better) it may become the best."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state)
+            ),
+            metrics=None if score is None else {"score": float(score)},
+            force=True,
+        )
+        self.manager.wait_until_finished()
+        best = self.best()
+        if score is not None and (best is None or score > best["score"]):
+            write_json_atomic(self.workdir / BEST_FILE, {"step": int(step), "score": float(score)})
+
+    def restore(self, step: int, params: PyTree, opt_state: PyTree | None = None) -> tuple[PyTree, PyTree]:
+        """Restores into the structure (and shardings) of ``params`` / ``opt_state``.
+
+        With ``opt_state=None`` only the parameters are read (evaluation).
+        """
+        items = {"params": ocp.args.StandardRestore(_abstract(params))}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state))
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["params"], restored.get("opt_state") if opt_state is not None else None
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _abstract(tree: PyTree) -> PyTree:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def write_run_metadata(
+    workdir: str | os.PathLike, *, model_config: ModelConfig, task: Any, run_config: dict, tokenizer: Any
+) -> None:
+    """The run's static description, written once at the start of a fresh run."""
+    workdir = Path(workdir)
+    write_json_atomic(workdir / MODEL_CONFIG_FILE, dataclasses.asdict(model_config))
+    write_json_atomic(workdir / TASK_FILE, dataclasses.asdict(task))
+    write_json_atomic(workdir / RUN_CONFIG_FILE, run_config)
+    tokenizer.save_pretrained(str(workdir / TOKENIZER_DIR))
+
+
+def read_model_config(workdir: str | os.PathLike) -> ModelConfig:
+    fields = json.loads((Path(workdir) / MODEL_CONFIG_FILE).read_text())
+    if fields.get("exit_layers") is not None:
+        fields["exit_layers"] = tuple(fields["exit_layers"])
+    return ModelConfig(**fields)
+
+
+def load_trained(workdir: str | os.PathLike, which: str = "best") -> tuple[MultiExitBert, PyTree, int]:
+    """The model and parameters of a training run: its ``best`` checkpoint (by dev score) or its
+    ``latest``. Raises FileNotFoundError, naming the fix, where the workdir holds none."""
+    workdir = Path(workdir).absolute()
+    if not (workdir / MODEL_CONFIG_FILE).exists() or not (workdir / CHECKPOINT_DIR).is_dir():
+        raise FileNotFoundError(
+            f"{workdir} holds no gaml-jax training run (no {MODEL_CONFIG_FILE} or {CHECKPOINT_DIR}/). "
+            "Train one first: python train.py --workdir " + str(workdir)
+        )
+    ckpt = Checkpointer(workdir)
+    try:
+        best = ckpt.best()
+        step = best["step"] if which == "best" and best else ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(
+                f"{workdir / CHECKPOINT_DIR} holds no complete checkpoint yet: let train.py run to its "
+                "first checkpoint (train.checkpoint_every steps, or the end of an epoch)."
+            )
+        model = MultiExitBert(read_model_config(workdir))
+        abstract = jax.eval_shape(
+            lambda: model.init(jax.random.key(0), jax.numpy.ones((1, 8), jax.numpy.int32))["params"]
+        )
+        params, _ = ckpt.restore(step, abstract)
+    finally:
+        ckpt.close()
+    return model, params, step
