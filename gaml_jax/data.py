@@ -157,6 +157,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     # A batch is padded to the smallest bucket >= its longest sequence (capped at max_length):
     # one compilation per bucket.
     c.length_buckets = (32, 64, 128)
+    # Training batches are drawn from windows of this many batches whose examples are sorted by
+    # length, so a batch holds sequences of similar lengths and pads little (the batch order is
+    # shuffled again). 0 or 1 = plain shuffling.
+    c.length_group_batches = 0
     # Folder for tokenised splits (.npz keyed by a hash of tokenizer, max_length and text).
     # None = tokenise on every start.
     c.cache_dir = config_dict.placeholder(str)
@@ -607,12 +611,17 @@ def train_batches(
     max_length: int,
     process_index: int = 0,
     process_count: int = 1,
+    length_group_batches: int = 0,
 ) -> Iterator[Batch]:
     """An endless stream of shuffled training batches, the one for step `start_step` first.
 
     Step t is batch t % steps_per_epoch of epoch t // steps_per_epoch, whose order is
     `np.random.default_rng([seed, epoch]).permutation(num_examples)`: a pure function of
     (seed, t), so a run resumed at step k gets the batches an uninterrupted run would have.
+    With `length_group_batches` = w > 1, each window of w batches of that order is sorted by
+    length (stable) before it is cut into batches, and the epoch's batches are then permuted by
+    the same generator: similar lengths share a batch and padding shrinks, still a pure
+    function of (seed, t).
     Each process yields its own contiguous slice of every global batch,
     [global_batch_size // process_count] rows; the padded length is chosen from the whole global
     batch, so every process's batch has the same shape.
@@ -632,7 +641,17 @@ def train_batches(
     def batches() -> Iterator[Batch]:
         epoch, first = divmod(start_step, num_steps)
         while True:
-            order = np.random.default_rng([seed, epoch]).permutation(split.num_examples)
+            rng = np.random.default_rng([seed, epoch])
+            order = rng.permutation(split.num_examples)[: num_steps * global_batch_size]
+            if length_group_batches > 1:
+                window = length_group_batches * global_batch_size
+                order = np.concatenate(
+                    [
+                        chunk[np.argsort(lengths[chunk], kind="stable")]
+                        for chunk in np.split(order, range(window, len(order), window))
+                    ]
+                )
+                order = order.reshape(num_steps, global_batch_size)[rng.permutation(num_steps)].reshape(-1)
             for step in range(first, num_steps):
                 rows = order[step * global_batch_size : (step + 1) * global_batch_size]
                 seq_len = _pad_length(int(lengths[rows].max()), buckets, max_length)

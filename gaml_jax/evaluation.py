@@ -1,16 +1,32 @@
-"""Every exit's predictions on a split, and their scores (used per epoch and by eval.py)."""
+"""Every exit's predictions on a split and their scores (each epoch of training), and early-exit
+evaluation of a trained run: real early exit scored and timed against all layers, and threshold
+sweeps simulated on the full model's logits (eval.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+import json
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
-from gaml_jax.metrics import compute_metrics
+from gaml_jax.config import ModelConfig
+from gaml_jax.early_exit import (
+    CRITERIA,
+    EarlyExitRunner,
+    check_criterion,
+    exit_counts,
+    exit_decisions,
+    speedup_layers,
+)
+from gaml_jax.metrics import compute_metrics, main_score
 from gaml_jax.model import MultiExitBert
 
 PyTree = Any
@@ -68,3 +84,293 @@ def predictions_from_logits(logits: np.ndarray) -> np.ndarray:
 def exit_scores(metric_names, exit_logits: np.ndarray, labels: np.ndarray) -> list[dict[str, float]]:
     """The task's metrics for every exit: one dict per exit."""
     return [compute_metrics(metric_names, predictions_from_logits(z), labels) for z in exit_logits]
+
+
+# ----------------------------------------------------------------------------------------------
+# Early-exit evaluation of a trained run (eval.py).
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EarlyExitReport:
+    """What early exit at one threshold gives on one split (the keys of ``eval.py --json``)."""
+
+    metric: str  # the task's main metric
+    score: float  # its value with early exit
+    threshold: float
+    criterion: str
+    mean_layers: float  # encoder layers run per example, on average
+    speedup_layers: float  # layers of the model / mean_layers
+    speedup_measured: float  # wall clock of all layers / wall clock of early exit, same batches
+    exit_counts: list[int]  # examples that left at each exit
+    metrics: dict[str, float]  # every metric of the task, with early exit
+    full_metrics: dict[str, float]  # the same, all layers (deepest exit)
+    split: str
+    num_examples: int
+    seconds_early: float
+    seconds_full: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def real_rows(batches: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """Eval batches without their weight-0 padding rows (the runner computes every row it gets)."""
+    for batch in batches:
+        keep = batch["weights"] > 0
+        yield {k: v[keep] for k, v in batch.items()}
+
+
+def run_early_exit(
+    runner: EarlyExitRunner,
+    batches: list[dict[str, np.ndarray]],
+    criterion: str,
+    threshold: float,
+    *,
+    task: Any,
+    split: str,
+    measure: bool = True,
+    progress: bool = True,
+) -> EarlyExitReport:
+    """Early exit over ``batches`` (padding rows removed), scored and timed against all layers.
+
+    With ``measure``, every batch goes through both paths once untimed (compilation of every
+    batch and length bucket), then once timed: early exit, and the same batches through all
+    layers and exits in one fused function (``runner.full_forward``).
+    """
+    config = runner.config
+    labels = np.concatenate([b["labels"] for b in batches])
+    results = []
+    bar = tqdm(batches, desc=f"early exit ({criterion} {threshold:g})", unit="batch", disable=not progress)
+    for batch in bar:
+        results.append(runner.run(batch, criterion, threshold))
+    exit_index = np.concatenate([r.exit_index for r in results])
+    layers_run = np.concatenate([r.layers_run for r in results])
+    logits = np.concatenate([r.logits for r in results])
+    full_logits = []
+    seconds_early = seconds_full = float("nan")
+    for batch in tqdm(batches, desc="all layers", unit="batch", disable=not progress):
+        full_logits.append(np.asarray(runner.full_forward(batch))[-1])
+    if measure:
+        start = time.perf_counter()
+        for batch in tqdm(batches, desc="timing early exit", unit="batch", disable=not progress):
+            runner.run(batch, criterion, threshold)  # returns host arrays: synchronised
+        seconds_early = time.perf_counter() - start
+        start = time.perf_counter()
+        for batch in tqdm(batches, desc="timing all layers", unit="batch", disable=not progress):
+            jax.block_until_ready(runner.full_forward(batch))
+        seconds_full = time.perf_counter() - start
+    metrics = compute_metrics(task.metrics, predictions_from_logits(logits), labels)
+    full_metrics = compute_metrics(task.metrics, predictions_from_logits(np.concatenate(full_logits)), labels)
+    return EarlyExitReport(
+        metric=task.main_metric,
+        score=main_score(task, metrics),
+        threshold=float(threshold),
+        criterion=criterion,
+        mean_layers=float(np.mean(layers_run)),
+        speedup_layers=speedup_layers(layers_run, config.num_hidden_layers),
+        speedup_measured=seconds_full / seconds_early if measure else float("nan"),
+        exit_counts=[int(c) for c in exit_counts(exit_index, config.num_exits)],
+        metrics=metrics,
+        full_metrics=full_metrics,
+        split=split,
+        num_examples=int(len(labels)),
+        seconds_early=seconds_early,
+        seconds_full=seconds_full,
+    )
+
+
+def sweep_thresholds(exit_logits: np.ndarray, criterion: str, num_points: int = 25) -> list[float]:
+    """Thresholds from "never exit early" to "exit as early as possible" for a trade-off curve:
+    every patience, or quantiles of the criterion's score at the non-final exits."""
+    crit, _ = check_criterion(criterion, 1, exit_logits.shape[-1])
+    if crit.integer:
+        return [int(p) for p in range(max(exit_logits.shape[0] - 1, 1), 0, -1)]
+    scores = crit.score(exit_logits[:-1]).ravel()
+    grid = np.quantile(scores, np.linspace(0, 1, num_points))
+    grid = np.unique(np.clip(np.concatenate([[crit.low, crit.high], grid]), crit.low, crit.high))
+    return [float(t) for t in (grid if crit.looser_when_higher else grid[::-1])]
+
+
+def simulate(
+    exit_logits: np.ndarray,
+    labels: np.ndarray,
+    criterion: str,
+    threshold: float,
+    *,
+    task: Any,
+    config: ModelConfig,
+) -> dict[str, float]:
+    """Score and layer speed-up of a threshold, from the full model's logits of every exit.
+
+    Real early exit predicts exactly what the full model's exit does (tests/test_early_exit.py),
+    so a sweep need not re-run the model for each threshold.
+    """
+    exit_index = exit_decisions(exit_logits, criterion, threshold)
+    logits = np.take_along_axis(exit_logits, exit_index[None, :, None], axis=0)[0]
+    metrics = compute_metrics(task.metrics, predictions_from_logits(logits), labels)
+    layers_run = np.asarray(config.exits)[exit_index]
+    return {
+        "score": main_score(task, metrics),
+        "mean_layers": float(np.mean(layers_run)),
+        "speedup_layers": speedup_layers(layers_run, config.num_hidden_layers),
+    }
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    """A training run's workdir, loaded for evaluation: model, parameters and its task's data."""
+
+    workdir: str
+    name: str  # for plots and tables: the workdir's name and the training method
+    model: MultiExitBert
+    params: PyTree
+    step: int
+    task: Any  # data.TaskInfo
+    splits: dict[str, Any]  # split name -> data.EncodedSplit
+    data_config: dict[str, Any]
+
+
+def load_run(workdir: str, which: str = "best") -> TrainedRun:
+    """Loads the ``best`` (or ``latest``) checkpoint of a run and re-reads its task's splits with
+    the tokenizer saved in the workdir. Raises FileNotFoundError naming the fix if there is none."""
+    # Imported here: the trainer imports this module, and these import the trainer's pieces.
+    from transformers import AutoTokenizer
+
+    from gaml_jax import data as data_lib
+    from gaml_jax.checkpoints import RUN_CONFIG_FILE, TOKENIZER_DIR, load_trained
+
+    model, params, step = load_trained(workdir, which)
+    root = Path(workdir).absolute()
+    run_config = json.loads((root / RUN_CONFIG_FILE).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(root / TOKENIZER_DIR))
+    task, splits = data_lib.load_task(run_config["data"], tokenizer)
+    method = run_config.get("train", {}).get("method", "?")
+    return TrainedRun(
+        str(root), f"{root.name} ({method})", model, params, step, task, splits, run_config["data"]
+    )
+
+
+def split_batches(run: TrainedRun, split: str, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """The split's real examples in order, in batches of at most ``batch_size``, padded only in
+    length (to the run's length buckets). Names the available splits if ``split`` is not one."""
+    from gaml_jax import data as data_lib
+
+    if split not in run.splits:
+        raise ValueError(
+            f"Split {split!r} does not exist for task {run.task.name!r}; choose one of {sorted(run.splits)} "
+            "with --split."
+        )
+    encoded = run.splits[split]
+    labels = encoded.labels
+    if (labels < 0).all() if labels.dtype.kind == "i" else np.isnan(labels).all():
+        raise ValueError(f"Split {split!r} has no labels to score against; choose a labelled split.")
+    cfg = run.data_config
+    batches = data_lib.eval_batches(
+        encoded, batch_size, buckets=tuple(cfg["length_buckets"]), max_length=cfg["max_length"]
+    )
+    return list(real_rows(batches))
+
+
+def all_exit_logits(runner: EarlyExitRunner, batches, *, progress: bool = True) -> np.ndarray:
+    """[exits, N, labels] logits of every exit for the batches' examples (one full forward each)."""
+    out = [
+        np.asarray(runner.full_forward(b))
+        for b in tqdm(batches, desc="all exits", unit="batch", disable=not progress)
+    ]
+    return np.concatenate(out, axis=1)
+
+
+def sweep_run(
+    run: TrainedRun, split: str, *, criteria: Iterable[str], batch_size: int, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Score against layer speed-up for a grid of thresholds of each applicable criterion."""
+    runner = EarlyExitRunner(run.model, run.params)
+    batches = split_batches(run, split, batch_size)
+    exit_logits = all_exit_logits(runner, batches, progress=progress)
+    labels = np.concatenate([b["labels"] for b in batches])
+    rows = []
+    for criterion in criteria:
+        if run.model.config.is_regression and not CRITERIA[criterion].regression:
+            continue
+        for threshold in sweep_thresholds(exit_logits, criterion):
+            result = simulate(
+                exit_logits, labels, criterion, threshold, task=run.task, config=run.model.config
+            )
+            rows.append(
+                {
+                    "run": run.name,
+                    "criterion": criterion,
+                    "threshold": threshold,
+                    "metric": run.task.main_metric,
+                }
+                | result
+            )
+    return rows
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """One panel per criterion, one curve per run: score against layer speed-up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    criteria = list(dict.fromkeys(r["criterion"] for r in rows))
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    fig, axes = plt.subplots(1, len(criteria), figsize=(5 * len(criteria), 4), squeeze=False, sharey=True)
+    for ax, criterion in zip(axes[0], criteria, strict=True):
+        for name in runs:
+            points = sorted(
+                (r["speedup_layers"], r["score"])
+                for r in rows
+                if r["run"] == name and r["criterion"] == criterion
+            )
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)
+        ax.set_title(f"exit criterion: {criterion}")
+        ax.set_xlabel("speed-up in layers (layers / mean layers run)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"dev {rows[0]['metric']}")
+    axes[0][-1].legend(loc="lower left", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_report(report: EarlyExitReport, run: TrainedRun) -> str:
+    """The human-readable report of ``eval.py --threshold``."""
+    config = run.model.config
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in report.metrics.items())
+    full = ", ".join(f"{k} {v:.4f}" for k, v in report.full_metrics.items())
+    counts = "  ".join(
+        f"layer {layer}: {count}" for layer, count in zip(config.exits, report.exit_counts, strict=True)
+    )
+    return "\n".join(
+        [
+            f"{run.workdir} (step {run.step}), {report.split}: {report.num_examples} examples",
+            f"criterion {report.criterion}, threshold {report.threshold:g}",
+            f"  early exit:  {metrics}",
+            f"  all layers:  {full}",
+            f"  mean layers run:     {report.mean_layers:.2f} of {config.num_hidden_layers}",
+            f"  speed-up in layers:  {report.speedup_layers:.2f}x",
+            f"  speed-up measured:   {report.speedup_measured:.2f}x "
+            f"({report.seconds_full:.2f} s all layers / {report.seconds_early:.2f} s early exit)",
+            f"  examples leaving at each exit: {counts}",
+        ]
+    )
+
+
+def format_sweep(rows: list[dict[str, Any]]) -> str:
+    """A table of the sweep: for each run and criterion, the score at speed-ups 1, 1.5, 2, 3."""
+    lines = [f"{'run':<28}{'criterion':<12}" + "".join(f"{f'@{s:g}x':>9}" for s in (1, 1.5, 2, 3))]
+    for name in dict.fromkeys(r["run"] for r in rows):
+        for criterion in dict.fromkeys(r["criterion"] for r in rows if r["run"] == name):
+            points = [r for r in rows if r["run"] == name and r["criterion"] == criterion]
+            cells = []
+            for target in (1, 1.5, 2, 3):
+                # The best score among thresholds that reach the target speed-up.
+                reached = [r["score"] for r in points if r["speedup_layers"] >= target * (1 - 1e-9)]
+                cells.append(f"{max(reached):>9.4f}" if reached else f"{'-':>9}")
+            lines.append(f"{name[:27]:<28}{criterion:<12}" + "".join(cells))
+    return "\n".join(lines)

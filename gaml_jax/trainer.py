@@ -176,7 +176,13 @@ def train_and_evaluate(
         return results, score
 
     batches = data_lib.train_batches(
-        train_split, t.batch_size, seed=t.seed, start_step=start_step, **bucket_kw, **proc
+        train_split,
+        t.batch_size,
+        seed=t.seed,
+        start_step=start_step,
+        length_group_batches=config.data.length_group_batches,
+        **bucket_kw,
+        **proc,
     )
     history: list[dict[str, jax.Array]] = []
     results: dict[str, list[dict[str, float]]] = {}

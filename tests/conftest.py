@@ -8,3 +8,14 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """(checkpoint folder, train.csv, dev.csv) of the tiny model and task in tests/tiny.py."""
+    from tests import tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return (tiny.make_checkpoint(root / "model"), *tiny.make_task(root / "data"))

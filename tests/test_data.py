@@ -325,6 +325,36 @@ def test_train_batches_follow_the_epoch_permutation(rt):
         np.testing.assert_array_equal(batch["weights"], np.ones(64, np.float32))
 
 
+def test_length_grouping_sorts_windows_and_keeps_every_example(rt):
+    split = rt[1]["train"]
+    steps, window = data.steps_per_epoch(split, 32), 10
+    stream = data.train_batches(
+        split, 32, seed=3, buckets=BUCKETS, max_length=128, length_group_batches=window
+    )
+    batches = [next(stream) for _ in range(steps)]
+    # Reference: the epoch permutation cut into windows, each sorted by length, cut into batches.
+    rng = np.random.default_rng([3, 0])
+    order = rng.permutation(split.num_examples)[: steps * 32]
+    expected = []
+    for start in range(0, len(order), window * 32):
+        chunk = order[start : start + window * 32]
+        chunk = chunk[np.argsort(split.lengths[chunk], kind="stable")]
+        expected += [chunk[i : i + 32] for i in range(0, len(chunk), 32)]
+    expected = [expected[i] for i in rng.permutation(steps)]
+    for batch, rows in zip(batches, expected, strict=True):
+        np.testing.assert_array_equal(batch["labels"], split.labels[rows])
+        width = batch["input_ids"].shape[1]
+        np.testing.assert_array_equal(batch["input_ids"][0], padded_row(split, rows[0], width)[0])
+    plain = data.train_batches(split, 32, seed=3, buckets=BUCKETS, max_length=128)
+    plain_width = np.mean([next(plain)["attention_mask"].sum(1).max() for _ in range(steps)])
+    grouped_width = np.mean([b["attention_mask"].sum(1).max() for b in batches])
+    assert grouped_width < 0.8 * plain_width  # The point of grouping: less padding.
+    resumed = data.train_batches(
+        split, 32, seed=3, start_step=steps - 1, buckets=BUCKETS, max_length=128, length_group_batches=window
+    )
+    np.testing.assert_array_equal(next(resumed)["input_ids"], batches[-1]["input_ids"])
+
+
 def test_resume_gives_the_same_batches(rt):
     split = rt[1]["train"]
     steps = data.steps_per_epoch(split, 64)

@@ -1,0 +1,123 @@
+"""Early-exit evaluation of a model trained by train.py.
+
+    python eval.py --workdir workdirs/default --threshold 0.3              # entropy criterion
+    python eval.py --workdir workdirs/default --threshold 0.9 --criterion confidence
+    python eval.py --workdir workdirs/default --threshold 2 --criterion patience
+    python eval.py --workdir workdirs/default --speedup 2 --json report.json
+    python eval.py --workdir workdirs/ce --workdir workdirs/ml --workdir workdirs/gaml --sweep
+
+With a threshold (or a target speed-up, whose threshold is found on the dev split) it runs real
+early exit over the split: examples that have exited are no longer computed. It prints the task's
+metrics, the mean number of layers run, the speed-up in layers, the speed-up measured on the clock
+(all layers over early exit, the same batches) and how many examples left at each exit.
+--sweep writes a CSV and a PNG of score against layer speed-up for a grid of thresholds of each
+criterion, one curve per --workdir.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("workdir", None, "Workdir of a train.py run; several with --sweep.")
+flags.DEFINE_float("threshold", None, "Exit threshold of the criterion.")
+flags.DEFINE_float("speedup", None, "Target speed-up in layers: finds the threshold on the dev split.")
+flags.DEFINE_string("criterion", "entropy", "Exit criterion: entropy, confidence or patience.")
+flags.DEFINE_string("split", None, "Split to evaluate; default: the task's dev split.")
+flags.DEFINE_bool("sweep", False, "Score against speed-up over a grid of thresholds of every criterion.")
+flags.DEFINE_string("out", None, "Folder for sweep.csv and sweep.png; default: the first workdir.")
+flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
+flags.DEFINE_integer("batch_size", 32, "Examples per batch (1 measures single-example latency).")
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint of the run.")
+flags.DEFINE_bool("measure", True, "Time early exit against all layers (runs the split twice more).")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    try:
+        if FLAGS.sweep:
+            sweep()
+        else:
+            evaluate()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"eval.py: error: {e}")
+
+
+def evaluate():
+    from gaml_jax import early_exit, evaluation
+
+    if not FLAGS.workdir or len(FLAGS.workdir) != 1:
+        raise ValueError("Give exactly one --workdir (several are for --sweep).")
+    if (FLAGS.threshold is None) == (FLAGS.speedup is None):
+        raise ValueError("Give one of --threshold T or --speedup S (or --sweep).")
+    if FLAGS.speedup is not None and not FLAGS.speedup >= 1:
+        raise ValueError(f"--speedup must be >= 1, got {FLAGS.speedup}.")
+    if FLAGS.threshold is not None:  # fail before any loading; num_labels is checked again below
+        early_exit.check_criterion(FLAGS.criterion, _as_number(FLAGS.threshold), num_labels=2)
+    elif FLAGS.criterion not in early_exit.CRITERIA:
+        early_exit.check_criterion(FLAGS.criterion, 1, num_labels=2)
+    run = evaluation.load_run(FLAGS.workdir[0], FLAGS.checkpoint)
+    config = run.model.config
+    split = FLAGS.split or run.task.eval_splits[0]
+    runner = early_exit.EarlyExitRunner(run.model, run.params)
+    if FLAGS.threshold is not None:
+        early_exit.check_criterion(FLAGS.criterion, _as_number(FLAGS.threshold), config.num_labels)
+        threshold = _as_number(FLAGS.threshold)
+    else:
+        dev = run.task.eval_splits[0]
+        dev_logits = evaluation.all_exit_logits(runner, evaluation.split_batches(run, dev, FLAGS.batch_size))
+        threshold = early_exit.find_threshold(
+            dev_logits, FLAGS.criterion, FLAGS.speedup, config.num_hidden_layers, config.exits
+        )
+        print(
+            f"{FLAGS.criterion} threshold {threshold:g} gives a {FLAGS.speedup:g}x layer speed-up on {dev}."
+        )
+    batches = evaluation.split_batches(run, split, FLAGS.batch_size)
+    report = evaluation.run_early_exit(
+        runner, batches, FLAGS.criterion, threshold, task=run.task, split=split, measure=FLAGS.measure
+    )
+    print(evaluation.format_report(report, run))
+    if FLAGS.json:
+        _write_json(FLAGS.json, report.to_json() | {"workdir": run.workdir, "step": run.step})
+
+
+def sweep():
+    import csv
+
+    from gaml_jax import early_exit, evaluation
+
+    if not FLAGS.workdir:
+        raise ValueError("Give at least one --workdir.")
+    rows = []
+    for workdir in FLAGS.workdir:
+        run = evaluation.load_run(workdir, FLAGS.checkpoint)
+        split = FLAGS.split or run.task.eval_splits[0]
+        rows += evaluation.sweep_run(run, split, criteria=early_exit.CRITERIA, batch_size=FLAGS.batch_size)
+    out = Path(FLAGS.out or FLAGS.workdir[0])
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    evaluation.plot_sweep(rows, out / "sweep.png")
+    print(evaluation.format_sweep(rows))
+    print(f"Wrote {out / 'sweep.csv'} and {out / 'sweep.png'}.")
+    if FLAGS.json:
+        _write_json(FLAGS.json, rows)
+
+
+def _as_number(value: float) -> float | int:
+    return int(value) if FLAGS.criterion == "patience" and float(value).is_integer() else value
+
+
+def _write_json(path: str, payload) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2))
+    print(f"Wrote {path}.")
+
+
+if __name__ == "__main__":
+    app.run(main)

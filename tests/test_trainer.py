@@ -1,0 +1,196 @@
+"""The training loop: resume equals an uninterrupted run, NaN stops keep the last good checkpoint,
+bad configs fail before compute, and two processes (jax.distributed) compute what one does."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from gaml_jax.checkpoints import Checkpointer
+from gaml_jax.trainer import train_and_evaluate
+from tests import tiny
+
+
+def _params_at(workdir, step):
+    """The parameters of the checkpoint at ``step`` as host numpy arrays."""
+
+    ckpt = Checkpointer(workdir)
+    try:
+        assert step in ckpt.manager.all_steps()
+    finally:
+        ckpt.close()
+    return _restore(workdir, step)
+
+
+def _restore(workdir, step):
+    from gaml_jax.checkpoints import read_model_config
+    from gaml_jax.model import MultiExitBert
+
+    model = MultiExitBert(read_model_config(workdir))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.ones((1, 8), np.int32))["params"])
+    ckpt = Checkpointer(workdir)
+    try:
+        params, _ = ckpt.restore(step, abstract)
+    finally:
+        ckpt.close()
+    return jax.device_get(params)
+
+
+def _assert_trees_equal(a, b):
+    flat_a, tree_a = jax.tree.flatten(a)
+    flat_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(flat_a, flat_b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def _train_lines(workdir):
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line for line in lines if "ce" in line}
+
+
+def test_killed_run_resumes_as_if_never_stopped(tiny_assets, tmp_path):
+    config = tiny.train_config(*tiny_assets, num_train_steps=6)
+    config.model.hidden_dropout_prob = 0.2  # randomness that a resumed run must replay
+    whole = tmp_path / "whole"
+    train_and_evaluate(config, str(whole))
+    killed = tmp_path / "killed"
+    # Stopped after step 3: the latest checkpoint is step 2, so step 3 is redone on resume.
+    train_and_evaluate(config, str(killed), stop_after_step=3)
+    assert Checkpointer(killed).latest_step() == 2
+    train_and_evaluate(config, str(killed))
+    _assert_trees_equal(_params_at(killed, 6), _params_at(whole, 6))
+    assert _train_lines(killed)[6]["ce"] == _train_lines(whole)[6]["ce"]
+    # The params really moved: the test would pass vacuously on a frozen model.
+    start = _params_at(whole, 2)
+    assert (
+        np.abs(start["classifier_0"]["kernel"] - _params_at(whole, 6)["classifier_0"]["kernel"]).max() > 1e-4
+    )
+
+
+def test_nan_stops_with_the_step_named_and_keeps_the_last_good_checkpoint(tiny_assets, tmp_path):
+    config = tiny.train_config(*tiny_assets, num_train_steps=6)
+    train_and_evaluate(config, str(tmp_path), stop_after_step=2)
+    good = _params_at(tmp_path, 2)
+    config.train.learning_rate = float("inf")  # resumed at step 2: step 3 blows up
+    with pytest.raises(FloatingPointError, match=r"NaN/Inf at step 3 .*last good checkpoint \(step 2\)"):
+        train_and_evaluate(config, str(tmp_path))
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.manager.all_steps() == [2]
+    ckpt.close()
+    _assert_trees_equal(_params_at(tmp_path, 2), good)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("method", "kd", "train.method='kd' is not one of"),
+        ("grad_mode", "fwd", "train.grad_mode='fwd' is not one of"),
+        ("batch_size", 12, "multiple of the 8 devices"),
+        ("temperature", 0.0, "temperature must be > 0"),
+    ],
+)
+def test_bad_train_config_fails_before_any_loading(tmp_path, key, value, message):
+    config = tiny.train_config(tmp_path / "no-model", tmp_path / "no.csv", tmp_path / "no.csv")
+    config.train[key] = value
+    with pytest.raises(ValueError, match=message):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_fails_before_compute(tiny_assets, tmp_path):
+    checkpoint, train_file, dev_file = tiny_assets
+    config = tiny.train_config(checkpoint, train_file, dev_file)
+    config.data.task = "sst3"
+    config.data.train_file = config.data.validation_file = None
+    with pytest.raises(ValueError, match="unknown task 'sst3'"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    bad = tmp_path / "bad.csv"
+    bad.write_text(dev_file.read_text().replace(",1\n", ",7\n", 1))
+    config = tiny.train_config(checkpoint, train_file, bad)
+    with pytest.raises(ValueError, match="label"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _run(args, env=None, timeout=600):
+    env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, *args], cwd=tiny.REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_train_py_rejects_an_unknown_config_key(tmp_path):
+    result = _run(["train.py", "--workdir", str(tmp_path), "--config.train.learning_rat=1e-4"])
+    assert result.returncode != 0
+    assert "learning_rat" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_compute_what_one_process_computes(tiny_assets, tmp_path):
+    """train.py on 2 processes x 2 CPU devices (jax.distributed, gloo collectives) against 1 process
+    x 4 devices, same global batch: the same parameters after 4 steps."""
+    checkpoint, train_file, dev_file = tiny_assets
+    flags = [
+        f"--config.model.name={checkpoint}",
+        "--config.data.task=csv",
+        f"--config.data.train_file={train_file}",
+        f"--config.data.validation_file={dev_file}",
+        "--config.data.max_length=16",
+        "--config.data.length_buckets=(8,16)",
+        "--config.train.batch_size=8",
+        "--config.train.eval_batch_size=8",
+        "--config.train.num_train_steps=4",
+        "--config.train.warmup_steps=2",
+        "--config.train.learning_rate=1e-3",
+        "--config.train.checkpoint_every=4",
+        "--config.train.log_every=2",
+    ]
+    one = _run(
+        ["train.py", f"--workdir={tmp_path / 'one'}", *flags],
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "train.py",
+                f"--workdir={tmp_path / 'two'}",
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                *flags,
+            ],
+            cwd=tiny.REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    a, b = _restore(tmp_path / "one", 4), _restore(tmp_path / "two", 4)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+    assert _train_lines(tmp_path / "two")[4]["ce"] == pytest.approx(
+        _train_lines(tmp_path / "one")[4]["ce"], 1e-5
+    )
