@@ -101,7 +101,18 @@ class Checkpointer:
 
 
 def _abstract(tree: PyTree) -> PyTree:
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    """Shapes and dtypes to restore into. Leaves without a sharding (host arrays, eval_shape
+    results) are read whole onto this process's first device, whatever topology saved them
+    (8 GPUs, 2 hosts, ...); the caller places them from there."""
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def leaf(x):
+        struct = ocp.utils.to_shape_dtype_struct(x)
+        if getattr(struct, "sharding", None) is None:
+            struct = jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=local)
+        return struct
+
+    return jax.tree.map(leaf, tree)
 
 
 def write_run_metadata(
