@@ -8,11 +8,10 @@ Multi-host: start one process per host with --coordinator_address/--num_processe
 (or the JAX_COORDINATOR_ADDRESS environment and a cluster JAX detects by itself).
 """
 
-import logging
 import os
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 HERE = Path(__file__).resolve().parent
@@ -35,7 +34,7 @@ def main(argv):
         if jax.config.jax_platforms in (None, "", "cpu"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    logging.getLogger("gaml_jax").setLevel(logging.INFO)
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
 
     from gaml_jax.trainer import train_and_evaluate
 

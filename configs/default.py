@@ -7,6 +7,7 @@ Every task config imports this one and changes a few fields.
 """
 
 import importlib.util
+import os
 from pathlib import Path
 
 import ml_collections
@@ -39,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = default_data_config()  # task "rt": 8,530 Rotten Tomatoes sentences, fixed dev split.
     config.data.max_length = 64  # RT sentences are short (median 27 tokens, max 64); GLUE uses 128.
     config.data.length_buckets = (32, 48, 64)  # Padded lengths: one compilation of the step each.
+    # Tokenised splits are cached here, keyed by tokenizer, max_length and content.
+    config.data.cache_dir = os.environ.get(
+        "GAML_JAX_CACHE", str(Path.home() / ".cache" / "gaml_jax" / "tokens")
+    )
     config.data.length_group_batches = 50  # Sort windows of 50 batches by length: ~40% less padding.
 
     config.train = train = ml_collections.ConfigDict()

@@ -24,6 +24,7 @@ from gaml_jax.early_exit import (
     check_criterion,
     exit_counts,
     exit_decisions,
+    find_threshold,
     speedup_layers,
 )
 from gaml_jax.metrics import compute_metrics, main_score
@@ -101,14 +102,15 @@ class EarlyExitReport:
     criterion: str
     mean_layers: float  # encoder layers run per example, on average
     speedup_layers: float  # layers of the model / mean_layers
-    speedup_measured: float  # wall clock of all layers / wall clock of early exit, same batches
+    speedup_measured: float | None  # clock of all layers / clock of early exit (None: not measured)
     exit_counts: list[int]  # examples that left at each exit
+    agreement: float  # fraction of predictions equal to the full model's at the exit taken (1.0)
     metrics: dict[str, float]  # every metric of the task, with early exit
     full_metrics: dict[str, float]  # the same, all layers (deepest exit)
     split: str
     num_examples: int
-    seconds_early: float
-    seconds_full: float
+    seconds_early: float | None  # best of the timed passes over the split
+    seconds_full: float | None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -130,13 +132,15 @@ def run_early_exit(
     task: Any,
     split: str,
     measure: bool = True,
+    timing_repeats: int = 3,
     progress: bool = True,
 ) -> EarlyExitReport:
     """Early exit over ``batches`` (padding rows removed), scored and timed against all layers.
 
-    With ``measure``, every batch goes through both paths once untimed (compilation of every
-    batch and length bucket), then once timed: early exit, and the same batches through all
-    layers and exits in one fused function (``runner.full_forward``).
+    A first pass of each (early exit, then all layers and exits in one fused function,
+    ``runner.full_forward``) gives the predictions and compiles every batch and length bucket.
+    With ``measure``, both then run ``timing_repeats`` more times over the same batches,
+    alternating, and the best time of each counts (the least disturbed by other work).
     """
     config = runner.config
     labels = np.concatenate([b["labels"] for b in batches])
@@ -147,21 +151,31 @@ def run_early_exit(
     exit_index = np.concatenate([r.exit_index for r in results])
     layers_run = np.concatenate([r.layers_run for r in results])
     logits = np.concatenate([r.logits for r in results])
-    full_logits = []
-    seconds_early = seconds_full = float("nan")
-    for batch in tqdm(batches, desc="all layers", unit="batch", disable=not progress):
-        full_logits.append(np.asarray(runner.full_forward(batch))[-1])
+    full = np.concatenate(
+        [
+            np.asarray(runner.full_forward(b))
+            for b in tqdm(batches, desc="all layers", unit="batch", disable=not progress)
+        ],
+        axis=1,
+    )  # [exits, N, labels]
+    # What the full model's exit predicts for each example at the exit it took.
+    at_exit = full[exit_index, np.arange(len(exit_index))]
+    agreement = float(np.mean(predictions_from_logits(at_exit) == predictions_from_logits(logits)))
+    seconds_early = seconds_full = None
     if measure:
-        start = time.perf_counter()
-        for batch in tqdm(batches, desc="timing early exit", unit="batch", disable=not progress):
-            runner.run(batch, criterion, threshold)  # returns host arrays: synchronised
-        seconds_early = time.perf_counter() - start
-        start = time.perf_counter()
-        for batch in tqdm(batches, desc="timing all layers", unit="batch", disable=not progress):
-            jax.block_until_ready(runner.full_forward(batch))
-        seconds_full = time.perf_counter() - start
+        early_times, full_times = [], []
+        for _ in tqdm(range(timing_repeats), desc="timing", unit="pass", disable=not progress):
+            start = time.perf_counter()
+            for batch in batches:
+                runner.run(batch, criterion, threshold)  # returns host arrays: synchronised
+            early_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for batch in batches:
+                jax.block_until_ready(runner.full_forward(batch))
+            full_times.append(time.perf_counter() - start)
+        seconds_early, seconds_full = min(early_times), min(full_times)
     metrics = compute_metrics(task.metrics, predictions_from_logits(logits), labels)
-    full_metrics = compute_metrics(task.metrics, predictions_from_logits(np.concatenate(full_logits)), labels)
+    full_metrics = compute_metrics(task.metrics, predictions_from_logits(full[-1]), labels)
     return EarlyExitReport(
         metric=task.main_metric,
         score=main_score(task, metrics),
@@ -169,8 +183,9 @@ def run_early_exit(
         criterion=criterion,
         mean_layers=float(np.mean(layers_run)),
         speedup_layers=speedup_layers(layers_run, config.num_hidden_layers),
-        speedup_measured=seconds_full / seconds_early if measure else float("nan"),
+        speedup_measured=seconds_full / seconds_early if measure else None,
         exit_counts=[int(c) for c in exit_counts(exit_index, config.num_exits)],
+        agreement=agreement,
         metrics=metrics,
         full_metrics=full_metrics,
         split=split,
@@ -180,7 +195,11 @@ def run_early_exit(
     )
 
 
-def sweep_thresholds(exit_logits: np.ndarray, criterion: str, num_points: int = 25) -> list[float]:
+# Speed-ups whose exact thresholds every sweep includes (and its table reports).
+SWEEP_TARGETS = (1.25, 1.5, 2.0, 3.0)
+
+
+def sweep_thresholds(exit_logits: np.ndarray, criterion: str, num_points: int = 50) -> list[float]:
     """Thresholds from "never exit early" to "exit as early as possible" for a trade-off curve:
     every patience, or quantiles of the criterion's score at the non-final exits."""
     crit, _ = check_criterion(criterion, 1, exit_logits.shape[-1])
@@ -284,7 +303,10 @@ def all_exit_logits(runner: EarlyExitRunner, batches, *, progress: bool = True) 
 def sweep_run(
     run: TrainedRun, split: str, *, criteria: Iterable[str], batch_size: int, progress: bool = True
 ) -> list[dict[str, Any]]:
-    """Score against layer speed-up for a grid of thresholds of each applicable criterion."""
+    """Score against layer speed-up for a grid of thresholds of each applicable criterion, plus the
+    exact thresholds (``find_threshold``) of the speed-ups in ``SWEEP_TARGETS``; rows in order
+    of increasing speed-up."""
+    config = run.model.config
     runner = EarlyExitRunner(run.model, run.params)
     batches = split_batches(run, split, batch_size)
     exit_logits = all_exit_logits(runner, batches, progress=progress)
@@ -293,10 +315,17 @@ def sweep_run(
     for criterion in criteria:
         if run.model.config.is_regression and not CRITERIA[criterion].regression:
             continue
-        for threshold in sweep_thresholds(exit_logits, criterion):
-            result = simulate(
-                exit_logits, labels, criterion, threshold, task=run.task, config=run.model.config
-            )
+        thresholds = set(sweep_thresholds(exit_logits, criterion))
+        for target in SWEEP_TARGETS:
+            try:
+                thresholds.add(
+                    find_threshold(exit_logits, criterion, target, config.num_hidden_layers, config.exits)
+                )
+            except ValueError:  # unreachable with this criterion
+                pass
+        looser_first = sorted(thresholds, reverse=CRITERIA[criterion].looser_when_higher)
+        for threshold in reversed(looser_first):
+            result = simulate(exit_logits, labels, criterion, threshold, task=run.task, config=config)
             rows.append(
                 {
                     "run": run.name,
@@ -343,6 +372,12 @@ def format_report(report: EarlyExitReport, run: TrainedRun) -> str:
     config = run.model.config
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in report.metrics.items())
     full = ", ".join(f"{k} {v:.4f}" for k, v in report.full_metrics.items())
+    measured = (
+        f"  speed-up measured:   {report.speedup_measured:.2f}x "
+        f"({report.seconds_full:.2f} s all layers / {report.seconds_early:.2f} s early exit)"
+        if report.speedup_measured is not None
+        else "  speed-up measured:   not measured (--nomeasure)"
+    )
     counts = "  ".join(
         f"layer {layer}: {count}" for layer, count in zip(config.exits, report.exit_counts, strict=True)
     )
@@ -354,23 +389,24 @@ def format_report(report: EarlyExitReport, run: TrainedRun) -> str:
             f"  all layers:  {full}",
             f"  mean layers run:     {report.mean_layers:.2f} of {config.num_hidden_layers}",
             f"  speed-up in layers:  {report.speedup_layers:.2f}x",
-            f"  speed-up measured:   {report.speedup_measured:.2f}x "
-            f"({report.seconds_full:.2f} s all layers / {report.seconds_early:.2f} s early exit)",
+            measured,
             f"  examples leaving at each exit: {counts}",
+            f"  predictions equal to the full model's at the exit taken: {report.agreement:.2%}",
         ]
     )
 
 
-def format_sweep(rows: list[dict[str, Any]]) -> str:
-    """A table of the sweep: for each run and criterion, the score at speed-ups 1, 1.5, 2, 3."""
-    lines = [f"{'run':<28}{'criterion':<12}" + "".join(f"{f'@{s:g}x':>9}" for s in (1, 1.5, 2, 3))]
+def format_sweep(rows: list[dict[str, Any]], targets: tuple[float, ...] = (1.0, *SWEEP_TARGETS)) -> str:
+    """A table of the sweep: for each run and criterion, the score at the tightest threshold of the
+    grid whose layer speed-up reaches each target (as ``eval.py --speedup`` picks it)."""
+    lines = [f"{'run':<28}{'criterion':<12}" + "".join(f"{f'@{s:g}x':>9}" for s in targets)]
     for name in dict.fromkeys(r["run"] for r in rows):
         for criterion in dict.fromkeys(r["criterion"] for r in rows if r["run"] == name):
             points = [r for r in rows if r["run"] == name and r["criterion"] == criterion]
             cells = []
-            for target in (1, 1.5, 2, 3):
-                # The best score among thresholds that reach the target speed-up.
-                reached = [r["score"] for r in points if r["speedup_layers"] >= target * (1 - 1e-9)]
-                cells.append(f"{max(reached):>9.4f}" if reached else f"{'-':>9}")
+            for target in targets:
+                reached = [r for r in points if r["speedup_layers"] >= target * (1 - 1e-9)]
+                tightest = min(reached, key=lambda r: r["speedup_layers"], default=None)
+                cells.append(f"{tightest['score']:>9.4f}" if tightest else f"{'-':>9}")
             lines.append(f"{name[:27]:<28}{criterion:<12}" + "".join(cells))
     return "\n".join(lines)

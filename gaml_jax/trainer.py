@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import time
 from pathlib import Path
@@ -33,8 +32,6 @@ from gaml_jax.train_step import (
 )
 from gaml_jax.weights import load_pretrained, load_tokenizer
 from gaml_jax.writer import MetricWriter
-
-log = logging.getLogger("gaml_jax")
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -137,7 +134,8 @@ def train_and_evaluate(
     if start_step:
         params, opt_state = ckpt.restore(start_step, state.params, state.opt_state)
         state = TrainState(step=np.int32(start_step), params=params, opt_state=opt_state)
-        log.info("Resuming from the checkpoint at step %d of %d.", start_step, total_steps)
+        if jax.process_index() == 0:
+            print(f"Resuming {workdir} from its checkpoint at step {start_step} of {total_steps}.")
     elif jax.process_index() == 0:
         write_run_metadata(
             workdir, model_config=model.config, task=task, run_config=config.to_dict(), tokenizer=tokenizer

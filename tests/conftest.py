@@ -1,6 +1,7 @@
 """Eight fake CPU devices for every test (set before JAX is imported), float32 matmuls."""
 
 import os
+import tempfile
 
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
@@ -8,6 +9,12 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests (and the train.py/eval.py processes they start) compile the same small programs again and
+# again: a persistent compilation cache shared by all of them saves minutes.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "gaml-jax-test-xla-cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 

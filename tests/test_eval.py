@@ -86,6 +86,7 @@ def test_early_exit_report_matches_the_numpy_reference(runs, threshold):
     assert report.speedup_layers == pytest.approx(ref["speedup"], rel=1e-12)
     assert report.exit_counts == np.bincount(ref["exit_index"], minlength=run.model.config.num_exits).tolist()
     assert report.full_metrics["accuracy"] == pytest.approx(ref["deepest_accuracy"], abs=1e-12)
+    assert report.agreement == 1.0
     if threshold == 0.0:  # never exits early: all layers, the deepest exit's score
         assert report.speedup_layers == 1.0 and report.score == ref["deepest_accuracy"]
 

@@ -150,7 +150,7 @@ def test_two_processes_compute_what_one_process_computes(tiny_assets, tmp_path):
         f"--config.data.train_file={train_file}",
         f"--config.data.validation_file={dev_file}",
         "--config.data.max_length=16",
-        "--config.data.length_buckets=(8,16)",
+        "--config.data.length_buckets=(16,)",
         "--config.train.batch_size=8",
         "--config.train.eval_batch_size=8",
         "--config.train.num_train_steps=4",
