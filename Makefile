@@ -36,7 +36,7 @@ lint: setup-test
 
 bench: setup-test
 	$(BIN)/python bench/bench_step.py --quick
-	$(BIN)/python bench/bench_early_exit.py --quick
+	$(BIN)/python -m bench.bench_early_exit --quick
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache
