@@ -31,7 +31,9 @@ flags.DEFINE_string("out", None, "Folder for sweep.csv and sweep.png; default: t
 flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
 flags.DEFINE_integer("batch_size", 32, "Examples per batch (1 measures single-example latency).")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint of the run.")
-flags.DEFINE_bool("measure", True, "Time early exit against all layers (runs the split twice more).")
+flags.DEFINE_bool(
+    "measure", True, "Time early exit against all layers (3 more timed passes of each over the split)."
+)
 
 
 def main(argv):
@@ -72,9 +74,7 @@ def evaluate():
         threshold = early_exit.find_threshold(
             dev_logits, FLAGS.criterion, FLAGS.speedup, config.num_hidden_layers, config.exits
         )
-        print(
-            f"{FLAGS.criterion} threshold {threshold:g} gives a {FLAGS.speedup:g}x layer speed-up on {dev}."
-        )
+        print(f"{FLAGS.criterion} threshold {threshold:.10g} gives {FLAGS.speedup:g}x fewer layers on {dev}.")
     batches = evaluation.split_batches(run, split, FLAGS.batch_size)
     report = evaluation.run_early_exit(
         runner, batches, FLAGS.criterion, threshold, task=run.task, split=split, measure=FLAGS.measure

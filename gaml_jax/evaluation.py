@@ -17,6 +17,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from gaml_jax import data as data_lib
+from gaml_jax.checkpoints import RUN_CONFIG_FILE, TOKENIZER_DIR, load_trained
 from gaml_jax.config import ModelConfig
 from gaml_jax.early_exit import (
     CRITERIA,
@@ -102,14 +104,15 @@ class EarlyExitReport:
     criterion: str
     mean_layers: float  # encoder layers run per example, on average
     speedup_layers: float  # layers of the model / mean_layers
-    speedup_measured: float | None  # clock of all layers / clock of early exit (None: not measured)
+    # The median over timed passes of all layers' time over early exit's (None: not measured).
+    speedup_measured: float | None
     exit_counts: list[int]  # examples that left at each exit
     agreement: float  # fraction of predictions equal to the full model's at the exit taken (1.0)
     metrics: dict[str, float]  # every metric of the task, with early exit
     full_metrics: dict[str, float]  # the same, all layers (deepest exit)
     split: str
     num_examples: int
-    seconds_early: float | None  # best of the timed passes over the split
+    seconds_early: float | None  # median of the timed passes over the split
     seconds_full: float | None  # the faster of all layers fused and all layers one by one
 
     def to_json(self) -> dict[str, Any]:
@@ -141,8 +144,8 @@ def run_early_exit(
     ``runner.full_forward``) gives the predictions and compiles every batch and length bucket.
     With ``measure``, early exit and two all-layers baselines (the fused forward, and the
     layer-by-layer runner with no exit) then run ``timing_repeats`` more times over the same
-    batches, alternating; the best time of each counts (the least disturbed by other work) and
-    the faster baseline is the denominator's reference.
+    batches, alternating. Each repeat's speed-up is the faster baseline's time over early exit's;
+    the report gives the median over repeats.
     """
     config = runner.config
     labels = np.concatenate([b["labels"] for b in batches])
@@ -163,7 +166,7 @@ def run_early_exit(
     # What the full model's exit predicts for each example at the exit it took.
     at_exit = full[exit_index, np.arange(len(exit_index))]
     agreement = float(np.mean(predictions_from_logits(at_exit) == predictions_from_logits(logits)))
-    seconds_early = seconds_full = None
+    seconds_early = seconds_full = speedup_measured = None
     if measure:
         # The all-layers baseline is the faster of the fused forward and the layer-by-layer
         # runner with exits that never fire (a patience no run reaches): on some backends one
@@ -182,8 +185,12 @@ def run_early_exit(
                 for batch in batches:
                     fn(batch)
                 times[name].append(time.perf_counter() - start)
-        seconds_early = min(times["early"])
-        seconds_full = min(min(times["fused"]), min(times["layerwise"]))
+        # Per repeat, the faster baseline over early exit; the median over repeats resists the
+        # bursts of load that shared machines have.
+        full_times = np.minimum(times["fused"], times["layerwise"])
+        ratios = full_times / np.asarray(times["early"])
+        seconds_early, seconds_full = float(np.median(times["early"])), float(np.median(full_times))
+        speedup_measured = float(np.median(ratios))
     metrics = compute_metrics(task.metrics, predictions_from_logits(logits), labels)
     full_metrics = compute_metrics(task.metrics, predictions_from_logits(full[-1]), labels)
     return EarlyExitReport(
@@ -193,7 +200,7 @@ def run_early_exit(
         criterion=criterion,
         mean_layers=float(np.mean(layers_run)),
         speedup_layers=speedup_layers(layers_run, config.num_hidden_layers),
-        speedup_measured=seconds_full / seconds_early if measure else None,
+        speedup_measured=speedup_measured,
         exit_counts=[int(c) for c in exit_counts(exit_index, config.num_exits)],
         agreement=agreement,
         metrics=metrics,
@@ -263,11 +270,7 @@ class TrainedRun:
 def load_run(workdir: str, which: str = "best") -> TrainedRun:
     """Loads the ``best`` (or ``latest``) checkpoint of a run and re-reads its task's splits with
     the tokenizer saved in the workdir. Raises FileNotFoundError naming the fix if there is none."""
-    # Imported here: the trainer imports this module, and these import the trainer's pieces.
-    from transformers import AutoTokenizer
-
-    from gaml_jax import data as data_lib
-    from gaml_jax.checkpoints import RUN_CONFIG_FILE, TOKENIZER_DIR, load_trained
+    from transformers import AutoTokenizer  # imported here: slow, and training does not need it
 
     model, params, step = load_trained(workdir, which)
     root = Path(workdir).absolute()
@@ -283,8 +286,6 @@ def load_run(workdir: str, which: str = "best") -> TrainedRun:
 def split_batches(run: TrainedRun, split: str, batch_size: int) -> list[dict[str, np.ndarray]]:
     """The split's real examples in order, in batches of at most ``batch_size``, padded only in
     length (to the run's length buckets). Names the available splits if ``split`` is not one."""
-    from gaml_jax import data as data_lib
-
     if split not in run.splits:
         raise ValueError(
             f"Split {split!r} does not exist for task {run.task.name!r}; choose one of {sorted(run.splits)} "
@@ -384,7 +385,7 @@ def format_report(report: EarlyExitReport, run: TrainedRun) -> str:
     full = ", ".join(f"{k} {v:.4f}" for k, v in report.full_metrics.items())
     measured = (
         f"  speed-up measured:   {report.speedup_measured:.2f}x "
-        f"({report.seconds_full:.2f} s all layers / {report.seconds_early:.2f} s early exit)"
+        f"(median of passes; {report.seconds_full:.2f} s all layers, {report.seconds_early:.2f} s early exit)"
         if report.speedup_measured is not None
         else "  speed-up measured:   not measured (--nomeasure)"
     )
@@ -394,7 +395,7 @@ def format_report(report: EarlyExitReport, run: TrainedRun) -> str:
     return "\n".join(
         [
             f"{run.workdir} (step {run.step}), {report.split}: {report.num_examples} examples",
-            f"criterion {report.criterion}, threshold {report.threshold:g}",
+            f"criterion {report.criterion}, threshold {report.threshold:.10g}",
             f"  early exit:  {metrics}",
             f"  all layers:  {full}",
             f"  mean layers run:     {report.mean_layers:.2f} of {config.num_hidden_layers}",
