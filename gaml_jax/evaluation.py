@@ -385,7 +385,8 @@ def format_report(report: EarlyExitReport, run: TrainedRun) -> str:
     full = ", ".join(f"{k} {v:.4f}" for k, v in report.full_metrics.items())
     measured = (
         f"  speed-up measured:   {report.speedup_measured:.2f}x "
-        f"(median of passes; {report.seconds_full:.2f} s all layers, {report.seconds_early:.2f} s early exit)"
+        f"(median over timed passes of their ratio; median times {report.seconds_full:.2f} s all layers, "
+        f"{report.seconds_early:.2f} s early exit)"
         if report.speedup_measured is not None
         else "  speed-up measured:   not measured (--nomeasure)"
     )
