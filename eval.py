@@ -65,19 +65,29 @@ def evaluate():
     config = run.model.config
     split = FLAGS.split or run.task.eval_splits[0]
     runner = early_exit.EarlyExitRunner(run.model, run.params)
+    batches = evaluation.split_batches(run, split, FLAGS.batch_size)
+    exit_logits = None  # every exit's logits on `split`, when the threshold search computed them
     if FLAGS.threshold is not None:
         early_exit.check_criterion(FLAGS.criterion, _as_number(FLAGS.threshold), config.num_labels)
         threshold = _as_number(FLAGS.threshold)
     else:
         dev = run.task.eval_splits[0]
-        dev_logits = evaluation.all_exit_logits(runner, evaluation.split_batches(run, dev, FLAGS.batch_size))
+        dev_batches = batches if dev == split else evaluation.split_batches(run, dev, FLAGS.batch_size)
+        dev_logits = evaluation.all_exit_logits(runner, dev_batches)
+        exit_logits = dev_logits if dev == split else None
         threshold = early_exit.find_threshold(
             dev_logits, FLAGS.criterion, FLAGS.speedup, config.num_hidden_layers, config.exits
         )
         print(f"{FLAGS.criterion} threshold {threshold:.10g} gives {FLAGS.speedup:g}x fewer layers on {dev}.")
-    batches = evaluation.split_batches(run, split, FLAGS.batch_size)
     report = evaluation.run_early_exit(
-        runner, batches, FLAGS.criterion, threshold, task=run.task, split=split, measure=FLAGS.measure
+        runner,
+        batches,
+        FLAGS.criterion,
+        threshold,
+        task=run.task,
+        split=split,
+        exit_logits=exit_logits,
+        measure=FLAGS.measure,
     )
     print(evaluation.format_report(report, run))
     if FLAGS.json:

@@ -134,6 +134,7 @@ def run_early_exit(
     *,
     task: Any,
     split: str,
+    exit_logits: np.ndarray | None = None,
     measure: bool = True,
     timing_repeats: int = 3,
     progress: bool = True,
@@ -141,7 +142,9 @@ def run_early_exit(
     """Early exit over ``batches`` (padding rows removed), scored and timed against all layers.
 
     A first pass of each (early exit, then all layers and exits in one fused function,
-    ``runner.full_forward``) gives the predictions and compiles every batch and length bucket.
+    ``runner.full_forward``) gives the predictions and compiles every batch and length bucket;
+    ``exit_logits`` ([exits, N, labels], from ``all_exit_logits`` on the same batches) spares the
+    second.
     With ``measure``, early exit and two all-layers baselines (the fused forward, and the
     layer-by-layer runner with no exit) then run ``timing_repeats`` more times over the same
     batches, alternating. Each repeat's speed-up is the faster baseline's time over early exit's;
@@ -156,13 +159,9 @@ def run_early_exit(
     exit_index = np.concatenate([r.exit_index for r in results])
     layers_run = np.concatenate([r.layers_run for r in results])
     logits = np.concatenate([r.logits for r in results])
-    full = np.concatenate(
-        [
-            np.asarray(runner.full_forward(b))
-            for b in tqdm(batches, desc="all layers", unit="batch", disable=not progress)
-        ],
-        axis=1,
-    )  # [exits, N, labels]
+    if exit_logits is None:
+        exit_logits = all_exit_logits(runner, batches, progress=progress)
+    full = exit_logits  # [exits, N, labels]
     # What the full model's exit predicts for each example at the exit it took.
     at_exit = full[exit_index, np.arange(len(exit_index))]
     agreement = float(np.mean(predictions_from_logits(at_exit) == predictions_from_logits(logits)))
