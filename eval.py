@@ -4,6 +4,7 @@
     python eval.py --workdir workdirs/default --threshold 0.9 --criterion confidence
     python eval.py --workdir workdirs/default --threshold 2 --criterion patience
     python eval.py --workdir workdirs/default --speedup 2 --json report.json
+    python eval.py --workdir workdirs/default --speedup 2 --data_file test.csv --predictions preds.jsonl
     python eval.py --workdir workdirs/ce --workdir workdirs/ml --workdir workdirs/gaml --sweep
 
 With a threshold (or a target speed-up, whose threshold is found on the dev split) it runs real
@@ -31,6 +32,12 @@ flags.DEFINE_string("out", None, "Folder for sweep.csv and sweep.png; default: t
 flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
 flags.DEFINE_integer("batch_size", 32, "Examples per batch (1 measures single-example latency).")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint of the run.")
+flags.DEFINE_string(
+    "data_file", None, "Score a labelled .csv/.tsv/.json/.jsonl file instead of a split (threshold from dev)."
+)
+flags.DEFINE_list("text_columns", None, "With --data_file: its text column(s); default: the run's task's.")
+flags.DEFINE_string("label_column", None, "With --data_file: its label column; default: the run's task's.")
+flags.DEFINE_string("predictions", None, "Also write every example's prediction (JSONL) to this file.")
 flags.DEFINE_bool(
     "measure", True, "Time early exit against all layers (3 more timed passes of each over the split)."
 )
@@ -49,7 +56,7 @@ def main(argv):
 
 
 def evaluate():
-    from gaml_jax import early_exit, evaluation
+    from gaml_jax import early_exit, evaluation, serving
 
     if not FLAGS.workdir or len(FLAGS.workdir) != 1:
         raise ValueError("Give exactly one --workdir (several are for --sweep).")
@@ -61,11 +68,25 @@ def evaluate():
         early_exit.check_criterion(FLAGS.criterion, _as_number(FLAGS.threshold), num_labels=2)
     elif FLAGS.criterion not in early_exit.CRITERIA:
         early_exit.check_criterion(FLAGS.criterion, 1, num_labels=2)
+    if FLAGS.data_file and FLAGS.split:
+        raise ValueError("Give --split or --data_file, not both.")
+    if FLAGS.data_file and not Path(FLAGS.data_file).is_file():
+        raise FileNotFoundError(f"--data_file: no such file {FLAGS.data_file!r}.")
     run = evaluation.load_run(FLAGS.workdir[0], FLAGS.checkpoint)
     config = run.model.config
-    split = FLAGS.split or run.task.eval_splits[0]
     runner = early_exit.EarlyExitRunner(run.model, run.params)
-    batches = evaluation.split_batches(run, split, FLAGS.batch_size)
+    if FLAGS.data_file:
+        split = FLAGS.data_file
+        batches = serving.file_batches(
+            run,
+            FLAGS.data_file,
+            FLAGS.batch_size,
+            text_columns=FLAGS.text_columns,
+            label_column=FLAGS.label_column,
+        )
+    else:
+        split = FLAGS.split or run.task.eval_splits[0]
+        batches = evaluation.split_batches(run, split, FLAGS.batch_size)
     exit_logits = None  # every exit's logits on `split`, when the threshold search computed them
     if FLAGS.threshold is not None:
         early_exit.check_criterion(FLAGS.criterion, _as_number(FLAGS.threshold), config.num_labels)
@@ -90,6 +111,9 @@ def evaluate():
         measure=FLAGS.measure,
     )
     print(evaluation.format_report(report, run))
+    if FLAGS.predictions:
+        serving.write_predictions(FLAGS.predictions, runner, batches, FLAGS.criterion, threshold, run.task)
+        print(f"Wrote {FLAGS.predictions}.")
     if FLAGS.json:
         _write_json(FLAGS.json, report.to_json() | {"workdir": run.workdir, "step": run.step})
 

@@ -1,0 +1,61 @@
+"""A workdir as train.py leaves it, for the tiny model of tests/tiny.py, written without training.
+
+The run's metadata and checkpoint go through train.py's own writers (``write_run_metadata``,
+``Checkpointer``). The exit classifiers are redrawn large, so that the exits' confidence varies
+across inputs and early exit takes every exit somewhere (a random tiny BERT's exits all sit
+near the uniform distribution).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from gaml_jax import data as data_lib
+from gaml_jax.checkpoints import Checkpointer, write_run_metadata
+from gaml_jax.weights import load_pretrained, load_tokenizer
+from tests import tiny
+
+
+def make_pair_task(folder: Path, num_rows: int = 24, seed: int = 1) -> tuple[Path, Path]:
+    """train.csv and dev.csv with columns first,second,label (label: the texts share a word)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in ("train", "dev"):
+        path = folder / f"{name}.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["first", "second", "label"])
+            for _ in range(num_rows):
+                a, b = ([f"w{j}" for j in rng.integers(0, 20, rng.integers(2, 7))] for _ in range(2))
+                writer.writerow([" ".join(a), " ".join(b), int(bool(set(a) & set(b)))])
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def make_workdir(
+    workdir: Path, checkpoint: Path, train_file: Path, dev_file: Path, *, pair: bool = False
+) -> Path:
+    """A workdir holding the tiny model (exit classifiers redrawn) at step 6, best by score."""
+    config = tiny.train_config(checkpoint, train_file, dev_file)
+    if pair:
+        config.data.text_columns = ("first", "second")
+    tokenizer = load_tokenizer(checkpoint)
+    task, _ = data_lib.load_task(config.data, tokenizer)
+    model, params = load_pretrained(checkpoint, num_labels=task.num_labels)
+    params = jax.tree.map(np.asarray, params)
+    rng = np.random.default_rng(3)
+    for k in range(model.config.num_exits):
+        kernel = params[f"classifier_{k}"]["kernel"]
+        params[f"classifier_{k}"]["kernel"] = rng.normal(0, 1.5, kernel.shape).astype(np.float32)
+    write_run_metadata(
+        workdir, model_config=model.config, task=task, run_config=config.to_dict(), tokenizer=tokenizer
+    )
+    checkpointer = Checkpointer(workdir)
+    checkpointer.save(6, params, {"count": np.zeros((), np.int32)}, score=0.5)
+    checkpointer.close()
+    return workdir
