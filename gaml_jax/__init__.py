@@ -7,10 +7,12 @@ from gaml_jax.model import MultiExitBert, MultiExitOutput
 from gaml_jax.weights import load_pretrained, load_tokenizer, save_converted, save_hf
 
 __all__ = [
+    "EarlyExitClassifier",
     "GradientAlignmentState",
     "ModelConfig",
     "MultiExitBert",
     "MultiExitOutput",
+    "Prediction",
     "alignment_diagnostics",
     "ce_loss",
     "exit_weights",
@@ -22,3 +24,12 @@ __all__ = [
     "save_converted",
     "save_hf",
 ]
+
+
+def __getattr__(name: str):
+    # The serving API reads data files (datasets, ...): imported on first use, not with gaml_jax.
+    if name in ("EarlyExitClassifier", "Prediction"):
+        from gaml_jax import serving
+
+        return getattr(serving, name)
+    raise AttributeError(f"module 'gaml_jax' has no attribute {name!r}")

@@ -122,7 +122,7 @@ class EarlyExitClassifier:
         label_names: Sequence[str] | None = None,
         pair: bool | None = None,
         text_columns: Sequence[str] | None = None,
-        max_length: int = CONVERTED_MAX_LENGTH,
+        max_length: int | None = None,
         length_buckets: Sequence[int] = CONVERTED_LENGTH_BUCKETS,
         batch_size: int = 32,
         batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
@@ -130,7 +130,8 @@ class EarlyExitClassifier:
     ):
         """``tokenizer``: a transformers fast tokenizer; ``pair``: whether examples are sentence pairs
         (None: either); ``label_names``: by class id (default LABEL_i); ``text_columns``: the
-        columns ``predict.py`` reads by default (default: the task's, else ``text``)."""
+        columns ``predict.py`` reads by default (default: the task's, else ``text``); ``max_length``:
+        tokens per example, longer ones are cut (default 128, or the model's positions if fewer)."""
         config = model.config
         _, self.threshold = check_criterion(criterion, threshold, config.num_labels)
         if config.num_labels > 1:
@@ -138,6 +139,7 @@ class EarlyExitClassifier:
             if len(label_names) != config.num_labels:
                 raise ValueError(f"{len(label_names)} label names for a model of {config.num_labels} labels.")
         self.label_names = tuple(label_names or ())
+        max_length = max_length or min(CONVERTED_MAX_LENGTH, config.max_position_embeddings)
         if max_length > config.max_position_embeddings:
             raise ValueError(
                 f"max_length {max_length} exceeds the model's {config.max_position_embeddings} positions."
@@ -224,7 +226,7 @@ class EarlyExitClassifier:
         threshold: float,
         label_names: Sequence[str] | None = None,
         pair: bool | None = None,
-        max_length: int = CONVERTED_MAX_LENGTH,
+        max_length: int | None = None,
         length_buckets: Sequence[int] = CONVERTED_LENGTH_BUCKETS,
         batch_size: int = 32,
     ) -> EarlyExitClassifier:

@@ -163,7 +163,9 @@ def load_pretrained(
         source, ignored, unused = _hf_source(_read_hf_weights(folder))
     params, report = _assemble(config, source, seed, str(name_or_path), ignored, unused)
     report.log()
-    return MultiExitBert(config), params
+    # On the device once: numpy leaves would be copied to it by every model.apply (33 ms against
+    # 7.4 ms for a MiniLM forward at batch 1 on a CPU).
+    return MultiExitBert(config), jax.device_put(params)
 
 
 def convert_hf_state_dict(

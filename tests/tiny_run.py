@@ -45,13 +45,27 @@ def make_workdir(
     if pair:
         config.data.text_columns = ("first", "second")
     tokenizer = load_tokenizer(checkpoint)
-    task, _ = data_lib.load_task(config.data, tokenizer)
+    task, splits = data_lib.load_task(config.data, tokenizer)
     model, params = load_pretrained(checkpoint, num_labels=task.num_labels)
     params = jax.tree.map(np.asarray, params)
     rng = np.random.default_rng(3)
     for k in range(model.config.num_exits):
         kernel = params[f"classifier_{k}"]["kernel"]
         params[f"classifier_{k}"]["kernel"] = rng.normal(0, 1.5, kernel.shape).astype(np.float32)
+    # Biases that centre each exit's logits on the dev examples: the predicted class then varies
+    # with the input at every exit (the [CLS] state of a random BERT barely does).
+    split = splits[task.eval_splits[0]]
+    batch = next(data_lib.eval_batches(split, split.num_examples, buckets=(16,), max_length=16))
+    logits = np.asarray(
+        model.apply(
+            {"params": params},
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+        ).logits
+    )  # [exits, N, labels]
+    for k in range(model.config.num_exits):
+        params[f"classifier_{k}"]["bias"] = params[f"classifier_{k}"]["bias"] - logits[k].mean(0)
     write_run_metadata(
         workdir, model_config=model.config, task=task, run_config=config.to_dict(), tokenizer=tokenizer
     )
