@@ -98,24 +98,39 @@ class Tokenized(NamedTuple):
     truncated: np.ndarray  # [N] bool: the example had more than max_length tokens
 
 
+class TextTokenizer:
+    """Tokens as training made them (transformers' ``tokenizer(a, text_pair=b, truncation=True,
+    max_length=...)``: special tokens, longest-first truncation), marking the truncated examples.
+
+    Holds two configured copies of the tokenizer (building one parses its JSON: ~0.1 s for a
+    BERT vocabulary, too slow per call).
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, max_length: int):
+        self.max_length = max_length
+        self._whole = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+        self._whole.no_padding()
+        self._whole.no_truncation()
+        self._cut = tokenizers.Tokenizer.from_str(self._whole.to_str())
+        self._cut.enable_truncation(max_length, strategy="longest_first")
+
+    def __call__(self, examples: list[Example]) -> Tokenized:
+        if not examples:
+            return Tokenized([], [], np.zeros(0, bool))
+        encodings = self._whole.encode_batch(examples)
+        input_ids = [e.ids for e in encodings]
+        token_type_ids = [e.type_ids for e in encodings]
+        truncated = np.fromiter((len(ids) > self.max_length for ids in input_ids), bool, len(input_ids))
+        if truncated.any():
+            long = np.flatnonzero(truncated)
+            for i, e in zip(long, self._cut.encode_batch([examples[i] for i in long]), strict=True):
+                input_ids[i], token_type_ids[i] = e.ids, e.type_ids
+        return Tokenized(input_ids, token_type_ids, truncated)
+
+
 def tokenize(tokenizer: tokenizers.Tokenizer, examples: list[Example], max_length: int) -> Tokenized:
-    """Tokens as training made them (``tokenizer(a, text_pair=b, truncation=True, max_length=...)``
-    of transformers: special tokens, longest-first truncation), marking the truncated examples."""
-    if not examples:
-        return Tokenized([], [], np.zeros(0, bool))
-    full = tokenizers.Tokenizer.from_str(tokenizer.to_str())  # a copy: its settings are ours to set
-    full.no_padding()
-    full.no_truncation()
-    encodings = full.encode_batch(examples)
-    input_ids = [e.ids for e in encodings]
-    token_type_ids = [e.type_ids for e in encodings]
-    truncated = np.fromiter((len(ids) > max_length for ids in input_ids), bool, len(input_ids))
-    if truncated.any():
-        full.enable_truncation(max_length, strategy="longest_first")
-        long = np.flatnonzero(truncated)
-        for i, e in zip(long, full.encode_batch([examples[i] for i in long]), strict=True):
-            input_ids[i], token_type_ids[i] = e.ids, e.type_ids
-    return Tokenized(input_ids, token_type_ids, truncated)
+    """``TextTokenizer(tokenizer, max_length)(examples)``: for one-off use."""
+    return TextTokenizer(tokenizer, max_length)(examples)
 
 
 def pad_length(longest: int, length_buckets: Sequence[int], max_length: int) -> int:
@@ -226,6 +241,7 @@ class ExportedClassifier:
         with np.load(folder / PARAMS_FILE) as arrays:
             self.params = [jax.device_put(arrays[f"p{i:04d}"]) for i in range(len(arrays.files))]
         self.tokenizer = tokenizers.Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+        self._tokenize = TextTokenizer(self.tokenizer, self.meta["max_length"])
         self._program = jax.jit(self.exported.call)
 
     @property
@@ -260,7 +276,7 @@ class ExportedClassifier:
         elif not 0.0 <= threshold <= 1.0:
             raise ValueError(f"the {meta['criterion']} threshold must be in [0, 1], got {threshold!r}.")
         examples = check_examples(texts, meta["pair"])
-        tokens = tokenize(self.tokenizer, examples, meta["max_length"])
+        tokens = self._tokenize(examples)
         records: list[dict[str, Any] | None] = [None] * len(examples)
         for rows in length_batches(tokens, batch_size):
             longest = max(len(tokens.input_ids[i]) for i in rows)

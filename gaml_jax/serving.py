@@ -153,6 +153,7 @@ class EarlyExitClassifier:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token.")
         self.tokenizer, self.pad_id = tokenizer.backend_tokenizer, int(tokenizer.pad_token_id)
+        self._tokenize = runtime.TextTokenizer(self.tokenizer, max_length)
         self.text_columns = tuple(text_columns or (("sentence1", "sentence2") if pair else ("text",)))
         self.task: data_lib.TaskInfo | None = None  # set by from_workdir
         self.step: int | None = None
@@ -266,7 +267,7 @@ class EarlyExitClassifier:
     ) -> Outputs:
         """``predict`` as arrays, with each batch's wall time (for latency figures)."""
         examples = runtime.check_examples(examples, self.pair)
-        tokens = runtime.tokenize(self.tokenizer, examples, self.max_length)
+        tokens = self._tokenize(examples)
         n, num_labels = len(examples), self.config.num_labels
         logits, exit_layers = np.zeros((n, num_labels), np.float32), np.zeros(n, np.int64)
         batch_of = np.zeros(n, np.int64)
