@@ -37,6 +37,7 @@ lint: setup-test
 bench: setup-test
 	$(BIN)/python bench/bench_step.py --quick
 	$(BIN)/python -m bench.bench_early_exit --quick
+	$(BIN)/python -m bench.bench_serving
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache

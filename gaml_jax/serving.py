@@ -173,11 +173,13 @@ class EarlyExitClassifier:
         speedup: float | None = None,
         checkpoint: str = "best",
         batch_size: int = 32,
+        length_buckets: Sequence[int] | None = None,
         progress: bool = False,
     ) -> EarlyExitClassifier:
         """The ``best`` (or ``latest``) checkpoint of a ``train.py`` run, with ``threshold`` or with
         the tightest threshold whose layer speed-up on the run's dev split reaches ``speedup``.
-        A converted folder is passed on to ``from_converted`` (which needs a threshold)."""
+        ``length_buckets``: padded lengths (default the run's; finer ones pad less and compile
+        more shapes). A converted folder is passed on to ``from_converted`` (which needs a threshold)."""
         workdir = Path(workdir)
         if (workdir / CONVERTED_MARKER).is_file():
             if threshold is None:
@@ -185,7 +187,11 @@ class EarlyExitClassifier:
                     f"{workdir} is a converted model with no dev split to calibrate on: give a threshold."
                 )
             return cls.from_converted(
-                workdir, criterion=criterion, threshold=threshold, batch_size=batch_size
+                workdir,
+                criterion=criterion,
+                threshold=threshold,
+                batch_size=batch_size,
+                length_buckets=length_buckets or CONVERTED_LENGTH_BUCKETS,
             )
         if (threshold is None) == (speedup is None):
             raise ValueError("give one of threshold=T or speedup=S.")
@@ -208,7 +214,7 @@ class EarlyExitClassifier:
             pair=len(task.text_columns) == 2,
             text_columns=task.text_columns,
             max_length=data_config["max_length"],
-            length_buckets=data_config["length_buckets"],
+            length_buckets=length_buckets or data_config["length_buckets"],
             batch_size=batch_size,
         )
         classifier.task, classifier.step = task, step
