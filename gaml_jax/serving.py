@@ -133,7 +133,8 @@ class EarlyExitClassifier:
         columns ``predict.py`` reads by default (default: the task's, else ``text``); ``max_length``:
         tokens per example, longer ones are cut (default 128, or the model's positions if fewer)."""
         config = model.config
-        _, self.threshold = check_criterion(criterion, threshold, config.num_labels)
+        self.model, self.config, self.criterion = model, config, criterion
+        self.threshold = threshold
         if config.num_labels > 1:
             label_names = tuple(label_names or (f"LABEL_{i}" for i in range(config.num_labels)))
             if len(label_names) != config.num_labels:
@@ -146,7 +147,6 @@ class EarlyExitClassifier:
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        self.model, self.config, self.criterion = model, config, criterion
         self.pair, self.max_length, self.tolerance = pair, int(max_length), tolerance
         self.length_buckets = tuple(sorted(int(b) for b in length_buckets))
         self.batch_size = int(batch_size)
@@ -157,9 +157,17 @@ class EarlyExitClassifier:
         self.text_columns = tuple(text_columns or (("sentence1", "sentence2") if pair else ("text",)))
         self.task: data_lib.TaskInfo | None = None  # set by from_workdir
         self.step: int | None = None
-        self.runner = EarlyExitRunner(
-            model, params, batch_buckets=tuple(batch_buckets)
-        )  # params to device once
+        # The runner puts the parameters on the device, once.
+        self.runner = EarlyExitRunner(model, params, batch_buckets=tuple(batch_buckets))
+
+    @property
+    def threshold(self) -> float | int:
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float | int) -> None:
+        """Checked against the criterion and the model (a ValueError names the valid range)."""
+        _, self._threshold = check_criterion(self.criterion, value, self.config.num_labels)
 
     # ------------------------------------------------------------------------------ construction
 

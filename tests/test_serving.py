@@ -231,6 +231,14 @@ def test_bad_input_gets_one_clear_error(assets, examples, error, message):
         classifier.predict(examples)
 
 
+def test_a_threshold_outside_the_criterion_range_is_refused(assets):
+    with pytest.raises(ValueError, match=r"'entropy' threshold must be a number in \[0, 1\], got 2"):
+        EarlyExitClassifier.from_workdir(assets["run"], threshold=2)
+    classifier = EarlyExitClassifier.from_workdir(assets["run"], criterion="patience", threshold=2)
+    with pytest.raises(ValueError, match=r"'patience' threshold must be an integer >= 1, got 0.5"):
+        classifier.threshold = 0.5
+
+
 def test_from_converted_needs_a_threshold_and_predicts(assets, texts):
     checkpoint = assets["checkpoint"]
     with pytest.raises(ValueError, match="converted model with no dev split .* give a threshold"):
