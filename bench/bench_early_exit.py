@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gaml_jax.config import ModelConfig
-from gaml_jax.early_exit import EarlyExitRunner, exit_counts, find_threshold, speedup_layers
+from gaml_jax.criteria import exit_counts, find_threshold, speedup_layers
+from gaml_jax.early_exit import EarlyExitRunner
 from gaml_jax.model import MultiExitBert
 
 SHAPES = {

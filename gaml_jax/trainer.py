@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from gaml_jax import data as data_lib
 from gaml_jax.checkpoints import Checkpointer, write_run_metadata
-from gaml_jax.evaluation import exit_scores, make_predict_fn, predict_exits
+from gaml_jax.evaluator import exit_scores, make_predict_fn, predict_exits
 from gaml_jax.train_step import (
     GRAD_MODES,
     METHODS,
