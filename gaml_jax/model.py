@@ -19,6 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from gaml_jax import names
 from gaml_jax.config import ModelConfig
 
 Array = jax.Array
@@ -163,21 +164,21 @@ class MultiExitBert(nn.Module):
     """BERT with an exit (pooler, dropout, classifier) after each layer in ``config.exits``.
 
     Parameters: ``embeddings``, ``layer_{i}`` (0-based, as HF), ``pooler`` (shared) or
-    ``pooler_{k}`` (one per exit), and ``classifier_{k}`` for exit k.
+    ``pooler_{k}`` (one per exit), and ``classifier_{k}`` for exit k (made by ``gaml_jax.names``).
     """
 
     config: ModelConfig
 
     def setup(self):
         cfg = self.config
-        self.embeddings = BertEmbeddings(cfg)
-        self.layers = [BertLayer(cfg, name=f"layer_{i}") for i in range(cfg.num_hidden_layers)]
+        self.embeddings = BertEmbeddings(cfg, name=names.EMBEDDINGS)
+        self.layers = [BertLayer(cfg, name=names.layer(i)) for i in range(cfg.num_hidden_layers)]
         if cfg.shared_pooler:
-            self.pooler = BertPooler(cfg, name="pooler")
+            self.pooler = BertPooler(cfg, name=names.pooler(0, shared=True))
         else:
-            self.poolers = [BertPooler(cfg, name=f"pooler_{k}") for k in range(cfg.num_exits)]
+            self.poolers = [BertPooler(cfg, name=names.pooler(k, shared=False)) for k in range(cfg.num_exits)]
         self.exit_dropout = nn.Dropout(cfg.exit_dropout)
-        self.classifiers = [_dense(cfg, cfg.num_labels, f"classifier_{k}") for k in range(cfg.num_exits)]
+        self.classifiers = [_dense(cfg, cfg.num_labels, names.classifier(k)) for k in range(cfg.num_exits)]
 
     def embed(
         self, input_ids: Array, token_type_ids: Array | None = None, deterministic: bool = True

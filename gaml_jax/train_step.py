@@ -24,6 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gaml_jax import names
 from gaml_jax.alignment import alignment_diagnostics, gradient_alignment
 from gaml_jax.losses import ce_loss, exit_weights, mutual_learning_loss, per_exit_ce
 from gaml_jax.model import MultiExitBert
@@ -42,7 +43,7 @@ class TrainState(NamedTuple):
 
 
 def _is_exit_classifier(path: tuple) -> bool:
-    return str(getattr(path[0], "key", path[0])).startswith("classifier_")
+    return names.is_classifier(str(getattr(path[0], "key", path[0])))
 
 
 def _decays(path: tuple, leaf: jax.Array) -> bool:

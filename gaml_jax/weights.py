@@ -40,6 +40,7 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
+from gaml_jax import names
 from gaml_jax.config import ModelConfig
 from gaml_jax.model import MultiExitBert
 
@@ -64,8 +65,6 @@ _BUFFERS = frozenset({"embeddings.position_ids", "embeddings.token_type_ids"})
 # Source keys name the exit layer a pooler or classifier belongs to (1-based). A HF pooler serves
 # any layer and a HF classifier sits on the deepest exit: they carry this layer number instead.
 _UNTIED = 0
-# Our leaf name -> HF's.
-_HF_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +80,10 @@ class LoadReport:
     @property
     def new_parameters(self) -> tuple[str, ...]:
         """Missing parameters other than the exit classifiers, which are expected to start fresh."""
-        return tuple(p for p in self.missing if not p.startswith("classifier_"))
+        return tuple(p for p in self.missing if not names.is_classifier(p))
 
     def log(self) -> None:
-        fresh = sorted({p.split("/")[0] for p in self.missing if p.startswith("classifier_")})
+        fresh = sorted({p.split("/")[0] for p in self.missing if names.is_classifier(p)})
         logger.info(
             "Loaded %s. Exit classifiers starting from their init: %s. Dropped by design "
             "(pre-training heads, buffers): %d tensors.",
@@ -337,40 +336,29 @@ def _hf_source(tensors: Mapping[str, np.ndarray]) -> tuple[dict[tuple, _Tensor],
 def _hf_key(name: str) -> tuple[tuple, bool] | None:
     """``encoder.layer.3.output.dense.weight`` -> ``(("layer_3", "output", "dense", "kernel"), True)``.
 
-    The bool says whether the tensor is a Linear weight, stored transposed as our kernel.
+    The bool says whether the tensor is a Linear weight, stored transposed as our kernel. The HF
+    pooler and classifier are keyed as untied (``("pooler", _UNTIED, ...)``): they fit any exit.
     """
-    parts = name.split(".")
-    if parts[0] == "embeddings":
-        module = ("embeddings", *parts[1:-1])
-    elif parts[:2] == ["encoder", "layer"] and len(parts) > 3 and parts[2].isdigit():
-        module = (f"layer_{parts[2]}", *parts[3:-1])
-    elif parts[0] == "pooler":
-        module = ("pooler", _UNTIED, *parts[1:-1])
-    elif parts[0] == "classifier" and len(parts) == 2:
-        module = ("classifier", _UNTIED)
-    else:
+    parsed = names.from_hf(name)
+    if parsed is None:
         return None
-    leaf, kind = parts[-1], module[-1]
-    if kind == "LayerNorm":
-        ours = {"weight": "scale", "gamma": "scale", "bias": "bias", "beta": "bias"}.get(leaf)
-    elif isinstance(kind, str) and kind.endswith("_embeddings"):
-        ours = "embedding" if leaf == "weight" else None
+    kind, index, inner, leaf, transposed = parsed
+    if kind == "layer":
+        head = (names.layer(index),)
+    elif kind == "embeddings":
+        head = (names.EMBEDDINGS,)
     else:
-        ours = {"weight": "kernel", "bias": "bias"}.get(leaf)
-    return None if ours is None else ((*module, ours), ours == "kernel")
+        head = (kind, _UNTIED)
+    return (*head, *inner, leaf), transposed
 
 
 def _converted_source(config: ModelConfig, params: Params) -> dict[tuple, _Tensor]:
     """Our own params -> source keys, poolers and classifiers keyed by the layer of their exit."""
     source = {}
     for path, value in traverse_util.flatten_dict(params).items():
-        head, rest = path[0], path[1:]
-        if head == "pooler":
-            key = ("pooler", _UNTIED, *rest)
-        elif head.startswith("pooler_"):
-            key = ("pooler", config.exits[int(head.removeprefix("pooler_"))], *rest)
-        elif head.startswith("classifier_"):
-            key = ("classifier", config.exits[int(head.removeprefix("classifier_"))], *rest)
+        kind, index = names.parse(path[0])
+        if names.is_exit_head(path[0]):
+            key = (kind, _UNTIED if index is None else config.exits[index], *path[1:])
         else:
             key = path
         source[key] = _Tensor("/".join(path), np.asarray(value, np.float32), transposed=False)
@@ -379,17 +367,16 @@ def _converted_source(config: ModelConfig, params: Params) -> dict[tuple, _Tenso
 
 def _candidates(config: ModelConfig, path: tuple, pooler_layers: list[int]) -> list[tuple]:
     """Source keys that may fill the parameter at ``path``, best first."""
-    head, rest = path[0], path[1:]
-    if head == "pooler" or head.startswith("pooler_"):
+    (kind, k), rest = names.parse(path[0]), path[1:]
+    if kind == "pooler":
         keys = []
-        if head != "pooler":  # Per-exit: its own layer's pooler first.
-            keys.append(("pooler", config.exits[int(head.removeprefix("pooler_"))], *rest))
+        if k is not None:  # Per-exit: its own layer's pooler first.
+            keys.append(("pooler", config.exits[k], *rest))
         keys.append(("pooler", _UNTIED, *rest))
         if pooler_layers:  # From per-exit poolers: the deepest, which is the one BERT's own pooler was.
             keys.append(("pooler", pooler_layers[-1], *rest))
         return keys
-    if head.startswith("classifier_"):
-        k = int(head.removeprefix("classifier_"))
+    if kind == "classifier":
         keys = [("classifier", config.exits[k], *rest)]
         if k == config.num_exits - 1:
             keys.append(("classifier", _UNTIED, *rest))
@@ -417,7 +404,7 @@ def _assemble(
             if tensor is None:
                 continue
             if tensor.value.shape != leaf.shape:
-                if path[0].startswith("classifier_"):  # Another task's head: start this one fresh.
+                if names.is_classifier(path[0]):  # Another task's head: start this one fresh.
                     notes.append(
                         f"{tensor.name} has shape {_shown(tensor.value.shape, tensor)} but num_labels="
                         f"{config.num_labels} needs {_shown(leaf.shape, tensor)}: "
@@ -438,7 +425,7 @@ def _assemble(
         else:
             used.add(found.name)
             params[path] = found.value.copy()  # A shared source (the HF pooler) may fill several leaves.
-    if any(p.startswith("pooler") for p in missing):
+    if any(names.parse(p.split("/")[0])[0] == "pooler" for p in missing):
         notes.append("the checkpoint has no pooler (pooler.dense): the exit poolers keep their random init.")
     unused = list(unused) + sorted({t.name for t in source.values()} - used)
     report = LoadReport(name, tuple(unused), tuple(ignored), tuple(missing), tuple(notes))
@@ -462,7 +449,7 @@ def _initial_value(model: MultiExitBert, seed: int, path: tuple, inits: dict[str
     of BERT-base takes seconds on a CPU, for tensors the checkpoint overwrites. Flax derives each
     parameter's key from its path, so both give the same values.
     """
-    part = "heads" if path[0].startswith(("pooler", "classifier_")) else "all"
+    part = "heads" if names.is_exit_head(path[0]) else "all"
     if part not in inits:
         key = jax.random.key(seed)
         if part == "heads":
@@ -541,24 +528,23 @@ def save_hf(
     """
     deepest = model_config.num_exits - 1
     depth = model_config.exits[-1]
-    pooler = "pooler" if model_config.shared_pooler else f"pooler_{deepest}"
+    # What a single-exit HF model holds: the layers up to the deepest exit and that exit's head.
+    exported = {
+        names.EMBEDDINGS,
+        *(names.layer(i) for i in range(depth)),
+        names.pooler(deepest, model_config.shared_pooler),
+        names.classifier(deepest),
+    }
     tensors = {}
     for leaf_path, value in traverse_util.flatten_dict(_checked(model_config, params)).items():
         head, *modules, leaf = leaf_path
-        if head == "embeddings":
-            prefix = "bert.embeddings"
-        elif head.startswith("layer_") and int(head.removeprefix("layer_")) < depth:
-            prefix = f"bert.encoder.layer.{head.removeprefix('layer_')}"
-        elif head == pooler:
-            prefix = "bert.pooler"
-        elif head == f"classifier_{deepest}":
-            prefix = "classifier"
-        else:
+        if head not in exported:
             continue
+        kind, index = names.parse(head)
+        hf_name, transposed = names.to_hf(kind, index if kind == "layer" else None, tuple(modules), leaf)
         value = np.asarray(value, np.float32)
-        tensors[".".join([prefix, *modules, _HF_LEAF[leaf]])] = np.ascontiguousarray(
-            value.T if leaf == "kernel" else value
-        )
+        prefix = "" if kind == "classifier" else "bert."
+        tensors[prefix + hf_name] = np.ascontiguousarray(value.T if transposed else value)
     labels = range(model_config.num_labels)
     hf_config = {
         **model_config.to_hf(),
