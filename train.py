@@ -1,7 +1,7 @@
 """Fine-tunes a multi-exit BERT with GAML. With no arguments: MiniLM on Rotten Tomatoes.
 
     python train.py                                            # the embedded default
-    python train.py --config configs/sst2.py --workdir workdirs/sst2 --config.train.method=ml
+    python train.py --config configs/glue.py:sst2 --workdir workdirs/sst2 --config.train.method=ml
     python train.py --workdir workdirs/default                 # a killed run resumes here
 
 Multi-host: start one process per host with --coordinator_address/--num_processes/--process_id

