@@ -48,7 +48,7 @@ def unknown_field(error: BaseException, argv: Sequence[str]) -> str | None:
     field, _, did_you_mean = text.partition("\n")
     field = field.strip("'\"")
     for arg in argv[1:]:
-        override = re.match(r"--?config\.([\w.]+)", arg)
+        override = re.match(r"--?(?:no)?config\.([\w.]+)", arg)
         if override and field in override.group(1).split("."):
             parts = override.group(1).split(".")
             unknown = ".".join(parts[: parts.index(field) + 1])
