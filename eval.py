@@ -44,7 +44,7 @@ def main(argv):
             sweep()
         else:
             evaluate()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, ImportError) as e:  # what a user can cause; any other is a bug
         sys.exit(f"eval.py: error: {e}")
 
 

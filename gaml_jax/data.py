@@ -98,6 +98,42 @@ def _file_format(path: str, task: str | None) -> str:
     return fmt
 
 
+def _check_utf8(path: str, split: str) -> None:
+    """Names the first line that is not UTF-8: the readers fail on it with no file name."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):  # b"\n" never occurs inside a UTF-8 sequence
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"data.{split}_file {path!r} is not UTF-8 text: line {number} holds byte "
+                    f"{line[err.start]:#04x}. Save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path} > "
+                    f"new{Path(path).suffix}` for a Latin-1 file, or a spreadsheet's 'CSV UTF-8') and "
+                    "point the config at the new file."
+                ) from None
+
+
+def _json_syntax_error(path: str) -> str | None:
+    """Where a JSON or JSON Lines file first breaks: "line N: reason", or None if it parses."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        json.loads(text)
+        return None  # One JSON document.
+    except json.JSONDecodeError as whole:
+        document_error = f"line {whole.lineno}: {whole.msg} (column {whole.colno})"
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    try:
+        json.loads(lines[0][1])
+    except json.JSONDecodeError:
+        return document_error  # Not JSON Lines: one document that breaks somewhere.
+    for number, line in lines:
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"line {number}: {err.msg} (column {err.colno})"
+    return None
+
+
 def _has_rows(path: str, fmt: str) -> bool:
     """Whether the file holds a row: datasets fails obscurely on an empty file or a lone header."""
     with open(path, encoding="utf-8") as f:
@@ -106,15 +142,34 @@ def _has_rows(path: str, fmt: str) -> bool:
         return sum(1 for _ in itertools.islice(lines, needed)) == needed
 
 
-def _load_file(path: str, fmt: str) -> datasets.Dataset:
-    if fmt == "json":
-        return datasets.load_dataset("json", data_files=path, split="train")
-    if fmt == "tsv":
-        # GLUE's own TSVs hold unbalanced quotes: read them literally.
-        return datasets.load_dataset(
-            "csv", data_files=path, split="train", delimiter="\t", quoting=csv.QUOTE_NONE
-        )
-    return datasets.load_dataset("csv", data_files=path, split="train")
+_FORMAT_HINTS = {
+    "json": "Fix that line (a .jsonl file holds one JSON object per line).",
+    "csv": "Fix that row (a field that holds a comma must be in double quotes).",
+    "tsv": "Fix that row (fields are separated by tabs and cannot hold one).",
+}
+
+
+def _load_file(path: str, fmt: str, split: str) -> datasets.Dataset:
+    try:
+        if fmt == "json":
+            return datasets.load_dataset("json", data_files=path, split="train")
+        if fmt == "tsv":
+            # GLUE's own TSVs hold unbalanced quotes: read them literally.
+            return datasets.load_dataset(
+                "csv", data_files=path, split="train", delimiter="\t", quoting=csv.QUOTE_NONE
+            )
+        return datasets.load_dataset("csv", data_files=path, split="train")
+    except datasets.exceptions.DatasetGenerationError as err:
+        # datasets says only "An error occurred while generating the dataset"; the reader's own
+        # error (pandas' CSV parser, Arrow's JSON reader) is its cause.
+        where = _json_syntax_error(path) if fmt == "json" else None
+        if where is None:
+            cause = err.__cause__ or err.__context__ or err
+            where = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        where = where.rstrip(".")
+        raise ValueError(
+            f"data.{split}_file {path!r} cannot be read as {fmt.upper()}: {where}. {_FORMAT_HINTS[fmt]}"
+        ) from err
 
 
 def _load_files(cfg: dict[str, Any]) -> tuple[TaskInfo | None, dict[str, datasets.Dataset]]:
@@ -135,9 +190,10 @@ def _load_files(cfg: dict[str, Any]) -> tuple[TaskInfo | None, dict[str, dataset
             raise FileNotFoundError(f"data.{split}_file: no such file {path!r}")
     formats = {split: _file_format(path, task) for split, path in files.items()}
     for split, path in files.items():
+        _check_utf8(path, split)
         if not _has_rows(path, formats[split]):
             raise ValueError(f"split {split!r} is empty: {path!r} holds no rows")
-    raw = {split: _load_file(path, formats[split]) for split, path in files.items()}
+    raw = {split: _load_file(path, formats[split], split) for split, path in files.items()}
     if task in GLUE_TASKS:
         # A GLUE task read from local files: GLUE's columns, labels and metrics, our split names.
         return dataclasses.replace(GLUE_TASKS[task], eval_splits=("validation",)), raw

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -35,6 +36,22 @@ from gaml_jax.tasks import TaskInfo, main_score
 PyTree = Any
 
 
+def agreement(early: np.ndarray, full: np.ndarray, dtype: str = "float32") -> float:
+    """The fraction of examples whose early-exit logits ``early`` [N, labels] predict what the full
+    model's logits ``full`` at the exit taken predict: the same class, or for regression the same
+    value up to rounding (the two run different programs on different batch compositions), within
+    ``regression_tolerance(dtype)`` relative and absolute."""
+    if early.shape[-1] == 1:
+        tol = regression_tolerance(dtype)
+        return float(np.mean(np.isclose(early[:, 0], full[:, 0], rtol=tol, atol=tol)))
+    return float(np.mean(early.argmax(-1) == full.argmax(-1)))
+
+
+def regression_tolerance(dtype: str) -> float:
+    """sqrt(eps) of the compute dtype: 3e-4 in float32, 0.09 in bfloat16; rounding stays far below."""
+    return float(np.sqrt(jnp.finfo(dtype).eps))
+
+
 # ----------------------------------------------------------------------------------------------
 # Early-exit evaluation of a trained run (eval.py).
 # ----------------------------------------------------------------------------------------------
@@ -53,7 +70,9 @@ class EarlyExitReport:
     # The median over timed passes of all layers' time over early exit's (None: not measured).
     speedup_measured: float | None
     exit_counts: list[int]  # examples that left at each exit
-    agreement: float  # fraction of predictions equal to the full model's at the exit taken (1.0)
+    # Fraction of predictions equal to the full model's at the exit taken (1.0); for regression,
+    # equal up to rounding (``regression_tolerance``).
+    agreement: float
     metrics: dict[str, float]  # every metric of the task, with early exit
     full_metrics: dict[str, float]  # the same, all layers (deepest exit)
     split: str
@@ -110,7 +129,7 @@ def run_early_exit(
     full = exit_logits  # [exits, N, labels]
     # What the full model's exit predicts for each example at the exit it took.
     at_exit = full[exit_index, np.arange(len(exit_index))]
-    agreement = float(np.mean(predictions_from_logits(at_exit) == predictions_from_logits(logits)))
+    agreed = agreement(logits, at_exit, config.dtype)
     seconds_early = seconds_full = speedup_measured = None
     if measure:
         # The all-layers baseline is the faster of the fused forward and the layer-by-layer
@@ -147,7 +166,7 @@ def run_early_exit(
         speedup_layers=speedup_layers(layers_run, config.num_hidden_layers),
         speedup_measured=speedup_measured,
         exit_counts=[int(c) for c in exit_counts(exit_index, config.num_exits)],
-        agreement=agreement,
+        agreement=agreed,
         metrics=metrics,
         full_metrics=full_metrics,
         split=split,
@@ -297,6 +316,7 @@ def format_report(report: EarlyExitReport, run: TrainedRun) -> str:
     counts = "  ".join(
         f"layer {layer}: {count}" for layer, count in zip(config.exits, report.exit_counts, strict=True)
     )
+    within = f" (within {regression_tolerance(config.dtype):.1g})" if config.num_labels == 1 else ""
     return "\n".join(
         [
             f"{run.workdir} (step {run.step}), {report.split}: {report.num_examples} examples",
@@ -307,7 +327,7 @@ def format_report(report: EarlyExitReport, run: TrainedRun) -> str:
             f"  speed-up in layers:  {report.speedup_layers:.2f}x",
             measured,
             f"  examples leaving at each exit: {counts}",
-            f"  predictions equal to the full model's at the exit taken: {report.agreement:.2%}",
+            f"  predictions equal to the full model's at the exit taken{within}: {report.agreement:.2%}",
         ]
     )
 

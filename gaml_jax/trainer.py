@@ -62,6 +62,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError("Set train.num_epochs > 0 or train.num_train_steps > 0.")
     if t.temperature <= 0:
         raise ValueError(f"train.temperature must be > 0, got {t.temperature}.")
+    # 0 is allowed for these (a learning rate of 0 freezes that part); a negative value would
+    # train in the wrong direction, or be taken as "off" somewhere without a word.
+    for key in (
+        "learning_rate",
+        "exit_learning_rate",
+        "warmup_steps",
+        "weight_decay",
+        "grad_clip_norm",
+        "kd_weight",
+        "num_train_steps",
+    ):
+        if not (math.isfinite(t[key]) and t[key] >= 0):
+            raise ValueError(f"train.{key} must be a number >= 0, got {t[key]}; set --config.train.{key}.")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):  # counts: 0 would mean never
+        if t[key] < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {t[key]}; set --config.train.{key}.")
 
 
 def _mean_metrics(history: list[dict[str, jax.Array]], first_step: int) -> dict[str, float]:

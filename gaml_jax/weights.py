@@ -143,7 +143,8 @@ def load_pretrained(
 
     Raises:
       FileNotFoundError: no such folder, or a folder without config.json or weights.
-      ValueError: not a BERT checkpoint, or a tensor whose shape does not fit the config.
+      ValueError: not a BERT checkpoint, a tensor whose shape does not fit the config, or a weights
+        file that is damaged or incomplete (an interrupted download).
       OSError: a hub id that cannot be fetched (offline, or no such repository).
       ImportError: a ``pytorch_model.bin`` checkpoint and no torch.
     """
@@ -206,9 +207,24 @@ def _resolve(name_or_path: str | os.PathLike, *, weights: bool = True) -> Path:
     if path.exists():
         raise NotADirectoryError(f"{path} is a file; expected {_EXPECTED}.")
     name = str(name_or_path)
-    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"No such folder: {path}. Expected {_EXPECTED}.")
+    if _meant_as_folder(name):
+        raise FileNotFoundError(f"No such folder: {os.path.abspath(path)}. Expected {_EXPECTED}.")
     return _download(name, weights)
+
+
+def _meant_as_folder(name: str) -> bool:
+    """Whether a name that is no folder here was meant as one rather than as a hub id (``name``
+    or ``org/name``): it starts or ends like a path, has more parts than ``org/name``, or its
+    ``org`` part is a folder here (``models/bert`` run from beside ``models/``)."""
+    separators = tuple(s for s in ("/", os.sep, os.altsep) if s)
+    parts = Path(name).parts
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.endswith(separators)
+        or len(parts) > 2
+        or (len(parts) == 2 and Path(parts[0]).is_dir())
+    )
 
 
 def _download(repo_id: str, weights: bool) -> Path:
@@ -225,9 +241,9 @@ def _download(repo_id: str, weights: bool) -> Path:
             folder = Path(snapshot_download(repo_id, allow_patterns=files + bin_files))
     except (OSError, ValueError) as err:  # The hub's offline, not-found and bad-id errors all are.
         raise OSError(
-            f"Could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
-            f"Offline (HF_HUB_OFFLINE), no network, or no such repository: pass a local folder instead, "
-            f"{_LOCAL_FOLDERS}."
+            f"Could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}), and "
+            f"there is no folder {os.path.abspath(repo_id)}. Offline (HF_HUB_OFFLINE), no network, or no "
+            f"such repository: pass a local folder instead, {_LOCAL_FOLDERS}."
         ) from err
     return folder
 
@@ -290,12 +306,24 @@ def _read_shards(folder: Path, index_name: str, read) -> dict[str, np.ndarray]:
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
-        return safetensors.numpy.load_file(path)
-    except TypeError:  # bfloat16, which numpy has no dtype for: read through JAX, on the host.
-        from safetensors import flax as safetensors_flax
+        try:
+            return safetensors.numpy.load_file(path)
+        except TypeError:  # bfloat16, which numpy has no dtype for: read through JAX, on the host.
+            from safetensors import flax as safetensors_flax
 
-        with jax.default_device(jax.devices("cpu")[0]):
-            return {k: np.asarray(v.astype(jnp.float32)) for k, v in safetensors_flax.load_file(path).items()}
+            with jax.default_device(jax.devices("cpu")[0]):
+                tensors = safetensors_flax.load_file(path)
+                return {k: np.asarray(v.astype(jnp.float32)) for k, v in tensors.items()}
+    except safetensors.SafetensorError as err:
+        raise ValueError(_damaged(path, err)) from err
+
+
+def _damaged(path: Path, err: Exception) -> str:
+    return (
+        f"{path} is damaged or incomplete ({str(err).splitlines()[0]}); an interrupted download or copy "
+        f"leaves such a file. Download or copy it again (for a hub id, delete it from the Hugging Face "
+        f"cache, HF_HOME, and load again), or convert or export the checkpoint again."
+    )
 
 
 def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
@@ -307,7 +335,10 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
             f"enough), or convert it once where torch is installed with `python -m gaml_jax.convert SRC DST` "
             f"and load DST."
         ) from err
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as err:  # torch's errors for a cut-short zip or pickle
+        raise ValueError(_damaged(path, err)) from err
     return {
         name: (t.float() if t.is_floating_point() else t).numpy()
         for name, t in state_dict.items()

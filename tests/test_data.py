@@ -406,3 +406,42 @@ def test_eval_padding_keeps_every_example_once(rt):
         np.testing.assert_array_equal(
             last["input_ids"][r], padded_row(split, 800 + r, last["input_ids"].shape[1])[0]
         )
+
+
+# --- files that cannot be read ----------------------------------------------------------------
+
+
+def test_file_that_is_not_utf8_names_file_line_and_fix(tmp_path, sentiment_files):
+    dev = tmp_path / "dev_latin1.csv"
+    dev.write_bytes("text,label\nfine film,pos\ncafé crème,neg\n".encode("latin-1"))
+    cfg = config(train_file=sentiment_files[0], validation_file=str(dev))
+    with pytest.raises(
+        ValueError, match=r"data\.validation_file '.*dev_latin1\.csv' is not UTF-8.*line 3.*iconv"
+    ):
+        data.load_task(cfg, None)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "where"),
+    [
+        (
+            "train.jsonl",
+            '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "c", label: 1}\n',
+            r"line 3: Expecting property name",
+        ),
+        (
+            "train.json",
+            '[\n  {"text": "a", "label": 1},\n  {"text": "b" "label": 0}\n]\n',
+            r"line 3: Expecting ','",
+        ),
+        ("train.csv", "text,label\na,1\nb,0,extra\nc,1\n", r"Expected 2 fields in line 3"),
+    ],
+    ids=["jsonl", "json", "csv"],
+)
+def test_malformed_file_names_file_and_line(tmp_path, sentiment_files, name, content, where):
+    (tmp_path / name).write_text(content)
+    cfg = config(train_file=str(tmp_path / name), validation_file=sentiment_files[1])
+    with pytest.raises(
+        ValueError, match=rf"data\.train_file '.*{name}' cannot be read as .*: {where}.*Fix that"
+    ):
+        data.load_task(cfg, None)

@@ -194,3 +194,24 @@ def test_two_processes_compute_what_one_process_computes(tiny_assets, tmp_path):
     assert _train_lines(tmp_path / "two")[4]["ce"] == pytest.approx(
         _train_lines(tmp_path / "one")[4]["ce"], 1e-5
     )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("learning_rate", -1e-4),
+        ("exit_learning_rate", -5e-4),
+        ("learning_rate", float("nan")),
+        ("warmup_steps", -1),
+        ("num_train_steps", -6),
+        ("log_every", 0),
+        ("checkpoint_every", 0),
+        ("keep_checkpoints", 0),
+    ],
+)
+def test_negative_rates_and_zero_intervals_name_the_field_before_any_loading(tmp_path, key, value):
+    config = tiny.train_config(tmp_path / "no-model", tmp_path / "no.csv", tmp_path / "no.csv")
+    config.train[key] = value
+    with pytest.raises(ValueError, match=rf"train\.{key} must be .*; set --config\.train\.{key}\."):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

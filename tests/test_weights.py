@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -477,3 +478,54 @@ def test_model_config_fields_survive_conversion(checkpoints, tmp_path):
     hf_config = json.loads((checkpoints["bert"].folder / "config.json").read_text())
     expected = ModelConfig.from_hf(hf_config, num_labels=1, **overrides)
     assert load_pretrained(tmp_path / "converted")[0].config == expected
+
+
+# ------------------------------------------------------------------------------------------
+# Damaged files and missing folders: the error names the file or folder and the fix.
+
+
+@pytest.mark.parametrize("keep", [5, 100, 0.5], ids=["5 bytes", "100 bytes", "half"])
+def test_truncated_safetensors_names_the_file_and_says_to_download_again(checkpoints, tmp_path, keep):
+    folder = _write_folder(tmp_path / "cut", checkpoints["bert"].folder, checkpoints["bert"].state)
+    weights = folder / "model.safetensors"
+    content = weights.read_bytes()
+    weights.write_bytes(content[: int(len(content) * keep) if isinstance(keep, float) else keep])
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(weights))} is damaged or incomplete.*Download or copy it again"
+    ):
+        load_pretrained(folder)
+
+
+def test_truncated_pytorch_bin_names_the_file_and_says_to_download_again(checkpoints, tmp_path):
+    shutil.copy(checkpoints["bert"].folder / "config.json", tmp_path)
+    torch.save(checkpoints["bert"].model.state_dict(), tmp_path / "pytorch_model.bin")
+    content = (tmp_path / "pytorch_model.bin").read_bytes()
+    (tmp_path / "pytorch_model.bin").write_bytes(content[: len(content) // 2])
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin is damaged or incomplete.*Download"):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["models/bert", "bert/", "models/bert/base", "./bert"])
+def test_missing_relative_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, name):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("asked the hub"))
+    expected = re.escape(os.path.abspath(tmp_path / name))
+    with pytest.raises(FileNotFoundError, match=rf"No such folder: {expected}\. Expected a Hugging Face"):
+        load_pretrained(name)
+    with pytest.raises(FileNotFoundError, match=rf"No such folder: {expected}\."):
+        load_tokenizer(name)
+
+
+@pytest.mark.parametrize("name", ["bert-base-uncased", "someone/tiny-bert"])
+def test_hub_ids_still_go_to_the_hub_and_say_no_folder_either(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+
+    def offline(repo_id, allow_patterns):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(
+        OSError, match=rf"Could not fetch '{name}'.*no folder {re.escape(str(tmp_path / name))}\."
+    ):
+        load_pretrained(name)
