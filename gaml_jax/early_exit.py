@@ -323,7 +323,8 @@ class EarlyExitRunner:
         self._layer_params = [{"layer_0": params[f"layer_{i}"]} for i in range(cfg.num_hidden_layers)]
         pooler = lambda k: "pooler" if cfg.shared_pooler else f"pooler_{k}"
         self._exit_params = [
-            {pooler(0): params[pooler(k)], "classifier_0": params[f"classifier_{k}"]}
+            {"classifier_0": params[f"classifier_{k}"]}
+            | ({pooler(0): params[pooler(k)]} if cfg.exit_pooler_dense else {})
             for k in range(cfg.num_exits)
         ]
 
@@ -336,7 +337,11 @@ class EarlyExitRunner:
 
         def layer_exit(p, exit_p, hidden, attention_mask):
             hidden = layer(p, hidden, attention_mask)
-            return hidden, model.apply({"params": exit_p}, 0, hidden, True, method=MultiExitBert.exit)
+            # The mask (compacted with the hidden state) keeps mean pooling to the real tokens.
+            logits = model.apply(
+                {"params": exit_p}, 0, hidden, attention_mask, True, method=MultiExitBert.exit
+            )
+            return hidden, logits
 
         def compact(hidden, attention_mask, rows):
             return hidden[rows], attention_mask[rows]
