@@ -70,9 +70,10 @@ def make_params(model: MultiExitBert, data: dict[str, np.ndarray], seed: int) ->
     hidden_states = jax.jit(
         lambda p, ids, mask: model.apply({"params": p}, ids, mask, output_hidden_states=True).hidden_states
     )(params, ids, jnp.asarray(data["attention_mask"]))
+    mask = jnp.asarray(data["attention_mask"])
     for k, layer in enumerate(cfg.exits):
         pooled = np.asarray(
-            model.apply({"params": params}, k, hidden_states[layer], method=MultiExitBert.pool)
+            model.apply({"params": params}, k, hidden_states[layer], mask, method=MultiExitBert.pool)
         )
         rng = np.random.default_rng([seed, k])
         kernel = rng.standard_normal((cfg.hidden_size, cfg.num_labels))

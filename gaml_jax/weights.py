@@ -17,6 +17,11 @@ rules for a new task head: ``pooler.dense`` starts the shared pooler or every pe
 other exit classifier starts from N(0, initializer_range) with zero bias, seeded by ``seed``.
 Pre-training heads (``cls.*``) and buffers (``embeddings.position_ids``) are dropped.
 
+The exits' pooling (``ModelConfig.exit_pooling``) is the checkpoint's own where it says one
+(``exit_pooling="auto"``, the default): a sentence-transformers folder whose ``modules.json``
+names a Pooling module with ``pooling_mode_mean_tokens`` gets ``mean``; any other checkpoint
+``cls``, the [CLS] state BERT's pooler reads. A converted folder keeps the value it was saved with.
+
 Params are the ``params`` collection (``model.apply({"params": params}, ...)``): a plain nested
 dict of float32 numpy arrays on the host.
 """
@@ -54,6 +59,9 @@ _PARAMS_DIR = "params"
 _SAFETENSORS, _SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 _TORCH_BIN, _TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+# sentence-transformers describe their modules (the Pooling one among them) in these small files.
+_ST_MODULES, _ST_POOLING = "modules.json", "sentence_transformers.models.Pooling"
+_ST_FILES = (_ST_MODULES, "*Pooling/config.json")
 _LOCAL_FOLDERS = (
     "a Hugging Face BERT folder (config.json with model_type 'bert', plus model.safetensors or "
     "pytorch_model.bin) or a folder written by `python -m gaml_jax.convert`"
@@ -125,6 +133,7 @@ def load_pretrained(
     num_labels: int | None = None,
     *,
     seed: int = 0,
+    exit_pooling: str = "auto",
     **config_overrides: Any,
 ) -> tuple[MultiExitBert, Params]:
     """Builds a ``MultiExitBert`` and its float32 params from a BERT checkpoint.
@@ -135,6 +144,8 @@ def load_pretrained(
         (a converted folder's config, or the ``id2label`` of a ``BertForSequenceClassification``),
         else 2.
       seed: seeds the parameters the checkpoint does not hold (the exit classifiers).
+      exit_pooling: ``cls``, ``mean``, or ``auto``: the checkpoint's own (``checkpoint_pooling``;
+        a converted folder's saved value).
       **config_overrides: ``ModelConfig`` fields, e.g. ``exit_layers=(4, 8, 12)``,
         ``shared_pooler=False``, ``dtype="bfloat16"``.
 
@@ -153,13 +164,19 @@ def load_pretrained(
         saved_config, saved_params = _read_converted(folder)
         if num_labels is not None:
             config_overrides["num_labels"] = num_labels
+        if exit_pooling != "auto":
+            config_overrides["exit_pooling"] = exit_pooling
         config = saved_config.replace(**config_overrides)
         source, ignored, unused = _converted_source(saved_config, saved_params), [], []
     else:
         hf_config = _read_hf_config(folder)
         if num_labels is None:
             num_labels = _hf_num_labels(hf_config)
-        config = ModelConfig.from_hf(hf_config, num_labels=num_labels, **config_overrides)
+        if exit_pooling == "auto":
+            exit_pooling = checkpoint_pooling(folder)
+        config = ModelConfig.from_hf(
+            hf_config, num_labels=num_labels, exit_pooling=exit_pooling, **config_overrides
+        )
         source, ignored, unused = _hf_source(_read_hf_weights(folder))
     params, report = _assemble(config, source, seed, str(name_or_path), ignored, unused)
     report.log()
@@ -175,6 +192,33 @@ def convert_hf_state_dict(
     """
     tensors, ignored, unused = _hf_source({name: np.asarray(array) for name, array in state_dict.items()})
     return _assemble(config, tensors, seed, source, ignored, unused)
+
+
+def checkpoint_pooling(folder: str | os.PathLike) -> str:
+    """The exit pooling a HF checkpoint folder was trained for: ``mean`` where its
+    sentence-transformers files (``modules.json``, then the Pooling module's ``config.json``) say
+    ``pooling_mode_mean_tokens``; ``cls`` otherwise (plain BERT, [CLS] pooling, or any pooling the
+    exits do not offer, which is logged)."""
+    folder = Path(folder)
+    if not (folder / _ST_MODULES).is_file():
+        return "cls"
+    try:
+        modules = json.loads((folder / _ST_MODULES).read_text())
+        pooling = next((m for m in modules if m.get("type") == _ST_POOLING), None)
+        if pooling is None:
+            return "cls"
+        modes = json.loads((folder / pooling.get("path", "") / "config.json").read_text())
+    except (OSError, ValueError, AttributeError, TypeError) as err:  # unreadable: BERT's own pooling
+        logger.warning(
+            "%s: cannot read its sentence-transformers pooling (%s); exits pool [CLS].", folder, err
+        )
+        return "cls"
+    if modes.get("pooling_mode_mean_tokens"):
+        return "mean"
+    if not modes.get("pooling_mode_cls_token"):
+        used = sorted(k for k, v in modes.items() if k.startswith("pooling_mode") and v)
+        logger.warning("%s: pooling %s has no exit counterpart; exits pool [CLS].", folder, used)
+    return "cls"
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
@@ -230,7 +274,7 @@ def _meant_as_folder(name: str) -> bool:
 def _download(repo_id: str, weights: bool) -> Path:
     from huggingface_hub import snapshot_download
 
-    files = ["config.json", *_TOKENIZER_FILES]
+    files = ["config.json", *_TOKENIZER_FILES, *_ST_FILES]
     safetensors_files = ["model*.safetensors", _SAFETENSORS_INDEX] if weights else []
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=files + safetensors_files))
@@ -459,6 +503,9 @@ def _assemble(
     if any(names.parse(p.split("/")[0])[0] == "pooler" for p in missing):
         notes.append("the checkpoint has no pooler (pooler.dense): the exit poolers keep their random init.")
     unused = list(unused) + sorted({t.name for t in source.values()} - used)
+    if not config.exit_pooler_dense:  # A model without poolers drops the checkpoint's by design.
+        dropped = [n for n in unused if n.removeprefix("bert.").startswith("pooler")]
+        ignored, unused = [*ignored, *dropped], [n for n in unused if n not in dropped]
     report = LoadReport(name, tuple(unused), tuple(ignored), tuple(missing), tuple(notes))
     return traverse_util.unflatten_dict(params), report
 
@@ -485,7 +532,8 @@ def _initial_value(model: MultiExitBert, seed: int, path: tuple, inits: dict[str
         key = jax.random.key(seed)
         if part == "heads":
             hidden = jnp.zeros((1, 1, model.config.hidden_size), jnp.float32)
-            heads = lambda m, h: [m.exit(k, h) for k in range(m.config.num_exits)]
+            mask = jnp.ones((1, 1), jnp.int32)
+            heads = lambda m, h: [m.exit(k, h, mask) for k in range(m.config.num_exits)]
             inits[part] = model.init(key, hidden, method=heads)["params"]
         else:
             inits[part] = model.init(key, jnp.ones((1, 1), jnp.int32))["params"]
@@ -556,7 +604,21 @@ def save_hf(
     classifier as ``classifier``; the other exits have no place in a single-exit HF model.
     ``transformers.BertForSequenceClassification.from_pretrained(path)`` then gives the deepest
     exit's logits.
+
+    Raises:
+      ValueError: the exits pool otherwise than HF's pooler (dense + tanh on [CLS]), which a
+        ``BertForSequenceClassification`` cannot express.
     """
+    if model_config.exit_pooling != "cls" or not model_config.exit_pooler_dense:
+        how = (
+            f"exit_pooling={model_config.exit_pooling!r}, exit_pooler_dense={model_config.exit_pooler_dense}"
+        )
+        raise ValueError(
+            f"HF BertForSequenceClassification applies dense + tanh to the [CLS] state and cannot express "
+            f"this model's exits ({how}): the export would compute something else. Keep the JAX model "
+            f"(save_converted, python -m gaml_jax.convert), or train with model.exit_pooling=cls and "
+            f"model.exit_pooler_dense=True to export to HF."
+        )
     deepest = model_config.num_exits - 1
     depth = model_config.exits[-1]
     # What a single-exit HF model holds: the layers up to the deepest exit and that exit's head.

@@ -100,8 +100,27 @@ def test_rt_split_is_fixed_and_disjoint(rt):
     again = data.rt_split_indices(0.1, 0)
     np.testing.assert_array_equal(again[0], train.example_ids)
     np.testing.assert_array_equal(again[1], validation.example_ids)
+    assert len(again[2]) == 0 and "test" not in splits  # test_fraction 0: no test split
     # Pinned, so that a numpy that drew another permutation (another split) is caught.
     np.testing.assert_array_equal(validation.example_ids[:5], [1, 17, 36, 49, 80])
+
+
+def test_rt_test_split_is_held_out_from_train_and_validation(rt, tokenizer):
+    config = default.data_config()
+    config.test_fraction = 0.1
+    info, splits = data.load_task(config, tokenizer)
+    assert info.eval_splits == ("validation",)  # test is never scored while training
+    sizes = {name: split.num_examples for name, split in splits.items()}
+    assert sizes == {"train": 6824, "validation": 853, "test": 853}
+    ids = {name: set(split.example_ids.tolist()) for name, split in splits.items()}
+    assert not ids["test"] & ids["train"] and not ids["test"] & ids["validation"]
+    assert len(ids["train"] | ids["validation"] | ids["test"]) == data.RT_NUM_ROWS
+    # The validation split is the one without a test split, so dev scores stay comparable.
+    np.testing.assert_array_equal(splits["validation"].example_ids, rt[1]["validation"].example_ids)
+    labels = splits["test"].labels
+    assert set(labels.tolist()) == {0, 1}  # labelled, both classes
+    with pytest.raises(ValueError, match="test_fraction"):
+        data.rt_split_indices(0.5, 0, test_fraction=0.5)
 
 
 def test_rt_content_matches_the_csv(rt, tokenizer):

@@ -26,12 +26,13 @@ SEQ = 12
 # ---------------------------------------------------------------------------- the real runner
 
 
-def tiny_model(num_labels, exit_layers=None, seed=0, num_hidden_layers=3, shared_pooler=True):
+def tiny_model(num_labels, exit_layers=None, seed=0, num_hidden_layers=3, shared_pooler=True, **pooling):
     cfg = ModelConfig(
         **{**TINY, "num_hidden_layers": num_hidden_layers},
         num_labels=num_labels,
         exit_layers=exit_layers,
         shared_pooler=shared_pooler,
+        **pooling,
     )
     model = MultiExitBert(cfg)
     # Seeded numpy weights on the model's parameter shapes (compiling model.init costs seconds).
@@ -68,9 +69,17 @@ def classifier():
     return model, EarlyExitRunner(model, params, batch_buckets=(1, 2, 4, 8))
 
 
+@pytest.fixture(scope="module")
+def mean_classifier():
+    """Mean-pooled exits: the runner must carry each row's mask through compaction."""
+    model, params = tiny_model(num_labels=3, seed=1, exit_pooling="mean")
+    return model, EarlyExitRunner(model, params, batch_buckets=(1, 2, 4, 8))
+
+
 @pytest.mark.parametrize("criterion,target", [("entropy", 1.4), ("confidence", 1.4), ("patience", 1.1)])
-def test_runner_matches_full_model_at_each_exit(classifier, criterion, target):
-    model, runner = classifier
+@pytest.mark.parametrize("runner_fixture", ["classifier", "mean_classifier"])
+def test_runner_matches_full_model_at_each_exit(request, runner_fixture, criterion, target):
+    model, runner = request.getfixturevalue(runner_fixture)
     cfg = model.config
     wide = np.asarray(runner.full_forward(tiny_batch(64, seed=100)))
     threshold = find_threshold(wide, criterion, target, cfg.num_hidden_layers, cfg.exits)
@@ -109,6 +118,18 @@ def test_runner_regression_patience_with_sparse_exits():
     # A layer without an exit, and one pooler per exit (DeeBERT style).
     model, params = tiny_model(1, exit_layers=(1, 3, 4), seed=1, num_hidden_layers=4, shared_pooler=False)
     runner = EarlyExitRunner(model, params, batch_buckets=(1, 4))
+    _check_regression_patience(model, runner)
+
+
+def test_runner_mean_pooling_without_pooler_dense():
+    model, params = tiny_model(
+        1, exit_layers=(1, 3, 4), seed=1, num_hidden_layers=4, exit_pooling="mean", exit_pooler_dense=False
+    )
+    assert not any(name.startswith("pooler") for name in params)
+    _check_regression_patience(model, EarlyExitRunner(model, params, batch_buckets=(1, 4)))
+
+
+def _check_regression_patience(model, runner):
     batch = tiny_batch(7, seed=3)
     full = np.asarray(runner.full_forward(batch))  # [3, 7, 1]
     deltas = np.abs(full[1, :, 0] - full[0, :, 0])
