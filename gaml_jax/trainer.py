@@ -148,7 +148,6 @@ def train_and_evaluate(
             train_step,
             model=model,
             tx=tx,
-            method=t.method,
             temperature=t.temperature,
             exit_weighting=t.exit_weighting,
             grad_mode=t.grad_mode,
