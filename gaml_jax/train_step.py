@@ -272,8 +272,9 @@ def pmap_step(step_fn: Callable, devices: list | None = None) -> Callable:
 
 
 def pmap_replicate(tree: PyTree, num_devices: int) -> PyTree:
-    """Stacks ``num_devices`` copies of a host pytree: the layout :func:`pmap_step` expects."""
-    return jax.tree.map(lambda x: np.stack([np.asarray(x)] * num_devices), tree)
+    """``num_devices`` copies of a host pytree on a new leading axis: the layout :func:`pmap_step`
+    expects. A broadcast view: the host holds one copy, whatever the number of devices."""
+    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (num_devices, *np.shape(x))), tree)
 
 
 def split_for_pmap(batch: dict[str, np.ndarray], num_devices: int) -> dict[str, np.ndarray]:
