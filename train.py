@@ -8,6 +8,16 @@
 Every config field, with its default and a comment, is in configs/default.py; override any with
 --config.<field>=<value>. --print_config prints the config a run would use and exits.
 
+    python train.py --workdir workdirs/default --config.train.num_train_steps=500 --extend
+
+A workdir that holds a run resumes it under the same config only: a changed field is refused,
+naming it (train in a new --workdir instead). Fields that do not change what is computed may
+change: train.log_every, checkpoint_every, keep_checkpoints, eval_batch_size, parallel,
+grad_mode and data.cache_dir. --extend also lets train.num_train_steps / num_epochs change, to
+train a run longer: the learning-rate schedule is then recomputed for the new length (its decay
+stretched to the new last step, so the rate rises again from where it had fallen). A finished
+run restarted prints its results and exits.
+
 Multi-host: start one process per host with --coordinator_address/--num_processes/--process_id
 (or the JAX_COORDINATOR_ADDRESS environment and a cluster JAX detects by itself).
 """
@@ -85,6 +95,12 @@ with flag_errors(sys.argv):
     )
 flags.DEFINE_bool("print_config", False, "Print the resolved config (file and overrides) and exit.")
 flags.DEFINE_string("workdir", "workdirs/default", "Checkpoints, metrics and the run's description go here.")
+flags.DEFINE_bool(
+    "extend",
+    False,
+    "Resume the workdir's run with a changed train.num_train_steps / num_epochs (train it longer); "
+    "config.json is rewritten.",
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (hosts), for multi-host runs.")
 flags.DEFINE_integer("process_id", None, "This process's index, for multi-host runs.")
@@ -120,7 +136,7 @@ def train() -> None:
 
     from gaml_jax.trainer import train_and_evaluate
 
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train_and_evaluate(FLAGS.config, FLAGS.workdir, extend=FLAGS.extend)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.per_tensor_alignment = False  # Align per parameter tensor instead of over the whole model.
     train.exit_weighting = "layer"  # CE weight of exit i: "layer" (= its layer number) or "uniform".
     train.grad_mode = "vjp"  # vjp: one forward, two pull-backs; grad: two jax.grad calls (bench/).
+    train.parallel = "shard_map"  # Data parallel: shard_map (jit over a mesh, multi-host) or pmap (one host).
     train.learning_rate = 1e-4  # Peak learning rate of the encoder (the authors' code: 2e-5 on BERT-base).
     train.exit_learning_rate = 5e-4  # Peak learning rate of the exit classifiers (larger: they start random).
     train.warmup_steps = 24  # Linear warm-up, then linear decay to 0.
