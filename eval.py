@@ -51,12 +51,12 @@ def main(argv):
             sweep()
         else:
             evaluate()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, ImportError) as e:  # what a user can cause; any other is a bug
         sys.exit(f"eval.py: error: {e}")
 
 
 def evaluate():
-    from gaml_jax import early_exit, evaluation, serving
+    from gaml_jax import criteria, early_exit, evaluation, serving
 
     if not FLAGS.workdir or len(FLAGS.workdir) != 1:
         raise ValueError("Give exactly one --workdir (several are for --sweep).")
@@ -65,9 +65,9 @@ def evaluate():
     if FLAGS.speedup is not None and not FLAGS.speedup >= 1:
         raise ValueError(f"--speedup must be >= 1, got {FLAGS.speedup}.")
     if FLAGS.threshold is not None:  # fail before any loading; num_labels is checked again below
-        early_exit.check_criterion(FLAGS.criterion, _as_number(FLAGS.threshold), num_labels=2)
-    elif FLAGS.criterion not in early_exit.CRITERIA:
-        early_exit.check_criterion(FLAGS.criterion, 1, num_labels=2)
+        criteria.check_criterion(FLAGS.criterion, _as_number(FLAGS.threshold), num_labels=2)
+    elif FLAGS.criterion not in criteria.CRITERIA:
+        criteria.check_criterion(FLAGS.criterion, 1, num_labels=2)
     if FLAGS.data_file and FLAGS.split:
         raise ValueError("Give --split or --data_file, not both.")
     if FLAGS.data_file and not Path(FLAGS.data_file).is_file():
@@ -89,14 +89,14 @@ def evaluate():
         batches = evaluation.split_batches(run, split, FLAGS.batch_size)
     exit_logits = None  # every exit's logits on `split`, when the threshold search computed them
     if FLAGS.threshold is not None:
-        early_exit.check_criterion(FLAGS.criterion, _as_number(FLAGS.threshold), config.num_labels)
+        criteria.check_criterion(FLAGS.criterion, _as_number(FLAGS.threshold), config.num_labels)
         threshold = _as_number(FLAGS.threshold)
     else:
         dev = run.task.eval_splits[0]
         dev_batches = batches if dev == split else evaluation.split_batches(run, dev, FLAGS.batch_size)
         dev_logits = evaluation.all_exit_logits(runner, dev_batches)
         exit_logits = dev_logits if dev == split else None
-        threshold = early_exit.find_threshold(
+        threshold = criteria.find_threshold(
             dev_logits, FLAGS.criterion, FLAGS.speedup, config.num_hidden_layers, config.exits
         )
         print(f"{FLAGS.criterion} threshold {threshold:.10g} gives {FLAGS.speedup:g}x fewer layers on {dev}.")
@@ -121,7 +121,7 @@ def evaluate():
 def sweep():
     import csv
 
-    from gaml_jax import early_exit, evaluation
+    from gaml_jax import criteria, evaluation
 
     if not FLAGS.workdir:
         raise ValueError("Give at least one --workdir.")
@@ -129,7 +129,7 @@ def sweep():
     for workdir in FLAGS.workdir:
         run = evaluation.load_run(workdir, FLAGS.checkpoint)
         split = FLAGS.split or run.task.eval_splits[0]
-        rows += evaluation.sweep_run(run, split, criteria=early_exit.CRITERIA, batch_size=FLAGS.batch_size)
+        rows += evaluation.sweep_run(run, split, criteria=criteria.CRITERIA, batch_size=FLAGS.batch_size)
     out = Path(FLAGS.out or FLAGS.workdir[0])
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "sweep.csv", "w", newline="") as f:

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gaml_jax.config import ModelConfig
-from gaml_jax.early_exit import EarlyExitRunner, exit_counts, find_threshold, speedup_layers
+from gaml_jax.criteria import exit_counts, find_threshold, speedup_layers
+from gaml_jax.early_exit import EarlyExitRunner
 from gaml_jax.model import MultiExitBert
 
 SHAPES = {
@@ -69,9 +70,10 @@ def make_params(model: MultiExitBert, data: dict[str, np.ndarray], seed: int) ->
     hidden_states = jax.jit(
         lambda p, ids, mask: model.apply({"params": p}, ids, mask, output_hidden_states=True).hidden_states
     )(params, ids, jnp.asarray(data["attention_mask"]))
+    mask = jnp.asarray(data["attention_mask"])
     for k, layer in enumerate(cfg.exits):
         pooled = np.asarray(
-            model.apply({"params": params}, k, hidden_states[layer], method=MultiExitBert.pool)
+            model.apply({"params": params}, k, hidden_states[layer], mask, method=MultiExitBert.pool)
         )
         rng = np.random.default_rng([seed, k])
         kernel = rng.standard_normal((cfg.hidden_size, cfg.num_labels))

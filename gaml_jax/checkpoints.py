@@ -5,6 +5,12 @@ killed run resumes where it stopped. Orbax writes into a temporary folder and re
 when complete: a checkpoint is never half-written. The last ``keep`` checkpoints are kept,
 and the best one by dev score; ``best.json`` names it.
 
+The best is decided here, not by orbax's ``BestN`` (which breaks ties and NaN scores its own
+way): the preservation policy keeps whatever step ``best.json`` names, and a new best is saved
+before ``best.json`` moves to it and the old best is deleted after, so ``best.json`` always
+names a checkpoint on disk, even if the run is killed in between. The earlier of equal scores
+stays the best; a NaN (or infinite) score never becomes it.
+
 The run's static description (model config, task, run config, tokenizer) is written once
 beside them so that ``eval.py`` needs nothing but the workdir.
 """
@@ -13,14 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from gaml_jax.config import ModelConfig
 from gaml_jax.model import MultiExitBert
@@ -45,21 +52,34 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+class _LatestAndProtected:
+    """Orbax preservation policy: the last ``keep`` checkpoints and the steps in ``protected``."""
+
+    def __init__(self, keep: int):
+        self.keep = max(keep, 1)  # the latest checkpoint is what a killed run resumes from
+        self.protected: set[int] = set()
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        del context
+        first_kept = len(checkpoints) - self.keep  # orbax lists them by increasing step
+        return [i >= first_kept or c.step in self.protected for i, c in enumerate(checkpoints)]
+
+
 class Checkpointer:
     """Saves and restores ``(params, opt_state)`` by step; keeps the last ``keep`` and the best."""
 
     def __init__(self, workdir: str | os.PathLike, keep: int = 2):
         self.workdir = Path(workdir).absolute()
-        policy = pp.AnyPreservationPolicy(
-            [
-                pp.LatestN(n=keep),
-                pp.BestN(get_metric_fn=lambda m: m["score"], n=1, keep_checkpoints_without_metrics=False),
-            ]
-        )
+        path = self.workdir / BEST_FILE
+        # Held in memory: every process decides the same best from the same scores.
+        self._best: dict | None = json.loads(path.read_text()) if path.exists() else None
+        self._policy = _LatestAndProtected(keep)
+        if self._best is not None:
+            self._policy.protected = {int(self._best["step"])}
         self.manager = ocp.CheckpointManager(
             self.workdir / CHECKPOINT_DIR,
             options=ocp.CheckpointManagerOptions(
-                preservation_policy=policy, enable_async_checkpointing=False, create=True
+                preservation_policy=self._policy, enable_async_checkpointing=False, create=True
             ),
         )
 
@@ -67,23 +87,35 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def best(self) -> dict | None:
-        path = self.workdir / BEST_FILE
-        return json.loads(path.read_text()) if path.exists() else None
+        """``{"step": ..., "score": ...}`` of the best checkpoint, or None before any dev score."""
+        return self._best
 
     def save(self, step: int, params: PyTree, opt_state: PyTree, score: float | None = None) -> None:
         """Saves at ``step``; with a dev ``score`` (higher is better) it may become the best."""
+        old = self._best
+        new_best = (
+            score is not None
+            and math.isfinite(score)
+            and (old is None or not math.isfinite(old["score"]) or float(score) > old["score"])
+        )
+        if new_best:
+            self._policy.protected.add(int(step))  # both kept until best.json names the new one
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state)
             ),
-            metrics=None if score is None else {"score": float(score)},
             force=True,
         )
         self.manager.wait_until_finished()
-        best = self.best()
-        if score is not None and (best is None or score > best["score"]):
-            write_json_atomic(self.workdir / BEST_FILE, {"step": int(step), "score": float(score)})
+        if not new_best:
+            return
+        self._best = {"step": int(step), "score": float(score)}
+        write_json_atomic(self.workdir / BEST_FILE, self._best)
+        self._policy.protected = {int(step)}
+        steps = self.manager.all_steps()
+        if old is not None and old["step"] in steps and old["step"] not in steps[-self._policy.keep :]:
+            self.manager.delete(old["step"])
 
     def restore(self, step: int, params: PyTree, opt_state: PyTree | None = None) -> tuple[PyTree, PyTree]:
         """Restores into the structure (and shardings) of ``params`` / ``opt_state``.
@@ -146,6 +178,12 @@ def load_trained(workdir: str | os.PathLike, which: str = "best") -> tuple[Multi
     try:
         best = ckpt.best()
         step = best["step"] if which == "best" and best else ckpt.latest_step()
+        if step is not None and step not in ckpt.manager.all_steps():
+            raise FileNotFoundError(
+                f"{workdir / BEST_FILE} names step {step}, which is not in {workdir / CHECKPOINT_DIR} "
+                "(a run written before the best checkpoint was always kept): evaluate the latest "
+                "checkpoint instead (eval.py --checkpoint latest)."
+            )
         if step is None:
             raise FileNotFoundError(
                 f"{workdir / CHECKPOINT_DIR} holds no complete checkpoint yet: let train.py run to its "

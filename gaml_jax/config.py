@@ -26,6 +26,8 @@ _HF_FIELDS: dict[str, Any] = {
     "classifier_dropout": None,
 }
 
+EXIT_POOLINGS = ("cls", "mean")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -33,6 +35,12 @@ class ModelConfig:
 
     ``exit_layers`` are 1-based layer numbers: exit k reads the output of layer
     ``exit_layers[k]``. ``None`` puts an exit after every layer.
+
+    ``exit_pooling`` is what an exit reads of its layer's output: ``cls``, the [CLS] state (BERT's
+    pooler, right for MLM-pretrained BERT), or ``mean``, the mean over the real (unmasked) tokens
+    (how sentence-transformers checkpoints were trained). ``exit_pooler_dense`` puts the
+    pooler's dense + tanh on that vector; without it the classifier reads the vector itself and
+    the model has no pooler parameters.
     """
 
     vocab_size: int = 30522
@@ -53,6 +61,8 @@ class ModelConfig:
     num_labels: int = 2  # 1 = regression (STS-B).
     exit_layers: tuple[int, ...] | None = None
     shared_pooler: bool = True  # One pooler for all exits (GAML/PABEE code) or one per exit (DeeBERT).
+    exit_pooling: str = "cls"  # "cls" or "mean" (``load_pretrained`` resolves "auto" to one).
+    exit_pooler_dense: bool = True  # The pooler's dense + tanh after the pooling.
     dtype: str = "float32"  # Compute dtype; parameters always stay float32.
 
     def __post_init__(self):
@@ -72,6 +82,13 @@ class ModelConfig:
                 f"hidden_size {self.hidden_size} is not a multiple of "
                 f"num_attention_heads {self.num_attention_heads}."
             )
+        if self.exit_pooling not in EXIT_POOLINGS:
+            raise ValueError(
+                f"exit_pooling must be one of {EXIT_POOLINGS}, got {self.exit_pooling!r} "
+                "('auto' is resolved from the checkpoint by load_pretrained)."
+            )
+        if not isinstance(self.exit_pooler_dense, bool):
+            raise ValueError(f"exit_pooler_dense must be True or False, got {self.exit_pooler_dense!r}.")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
 

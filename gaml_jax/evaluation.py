@@ -1,6 +1,7 @@
-"""Every exit's predictions on a split and their scores (each epoch of training), and early-exit
-evaluation of a trained run: real early exit scored and timed against all layers, and threshold
-sweeps simulated on the full model's logits (eval.py)."""
+"""Early-exit evaluation of a trained run (eval.py): real early exit scored and timed against all
+layers, and threshold sweeps simulated on the full model's logits, with their tables and plots.
+
+The per-exit evaluation that training runs each epoch is ``gaml_jax.evaluator``."""
 
 from __future__ import annotations
 
@@ -14,79 +15,41 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from gaml_jax import data as data_lib
 from gaml_jax.checkpoints import RUN_CONFIG_FILE, TOKENIZER_DIR, load_trained
-from gaml_jax.config import ModelConfig
-from gaml_jax.early_exit import (
+from gaml_jax.criteria import (
     CRITERIA,
-    EarlyExitRunner,
-    check_criterion,
+    SWEEP_TARGETS,
     exit_counts,
-    exit_decisions,
     find_threshold,
+    simulate,
     speedup_layers,
+    sweep_thresholds,
 )
-from gaml_jax.metrics import compute_metrics, main_score
+from gaml_jax.early_exit import EarlyExitRunner
+from gaml_jax.metrics import compute_metrics, predictions_from_logits
 from gaml_jax.model import MultiExitBert
+from gaml_jax.tasks import TaskInfo, main_score
 
 PyTree = Any
 
 
-def make_predict_fn(model: MultiExitBert):
-    """Jitted deterministic forward: batch -> [exits, batch, labels] logits."""
-
-    @jax.jit
-    def predict(params: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
-        return model.apply(
-            {"params": params},
-            batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            token_type_ids=batch["token_type_ids"],
-            deterministic=True,
-        ).logits
-
-    return predict
+def agreement(early: np.ndarray, full: np.ndarray, dtype: str = "float32") -> float:
+    """The fraction of examples whose early-exit logits ``early`` [N, labels] predict what the full
+    model's logits ``full`` at the exit taken predict: the same class, or for regression the same
+    value up to rounding (the two run different programs on different batch compositions), within
+    ``regression_tolerance(dtype)`` relative and absolute."""
+    if early.shape[-1] == 1:
+        tol = regression_tolerance(dtype)
+        return float(np.mean(np.isclose(early[:, 0], full[:, 0], rtol=tol, atol=tol)))
+    return float(np.mean(early.argmax(-1) == full.argmax(-1)))
 
 
-def predict_exits(
-    predict_fn, params: PyTree, batches: Iterable[dict[str, np.ndarray]], put=None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Runs ``predict_fn`` over padded eval batches; drops the padding examples.
-
-    ``put`` places a host batch on the devices (e.g. sharded over a mesh); with several
-    processes the per-process outputs are gathered. Returns ([exits, N, labels], labels [N]).
-    """
-    logits, labels = [], []
-    for batch in batches:
-        device_batch = put(batch) if put is not None else {k: jnp.asarray(v) for k, v in batch.items()}
-        out = predict_fn(
-            params, {k: device_batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-        )
-        keep = batch["weights"] > 0
-        out_host = np.asarray(
-            multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1 else out
-        )
-        if jax.process_count() > 1:
-            keep = np.asarray(multihost_utils.process_allgather(keep, tiled=True))
-            batch_labels = np.asarray(multihost_utils.process_allgather(batch["labels"], tiled=True))
-        else:
-            batch_labels = batch["labels"]
-        logits.append(out_host[:, keep])
-        labels.append(batch_labels[keep])
-    return np.concatenate(logits, axis=1), np.concatenate(labels)
-
-
-def predictions_from_logits(logits: np.ndarray) -> np.ndarray:
-    """[..., labels] -> class ids, or the regression value where there is one label."""
-    return logits[..., 0] if logits.shape[-1] == 1 else logits.argmax(-1)
-
-
-def exit_scores(metric_names, exit_logits: np.ndarray, labels: np.ndarray) -> list[dict[str, float]]:
-    """The task's metrics for every exit: one dict per exit."""
-    return [compute_metrics(metric_names, predictions_from_logits(z), labels) for z in exit_logits]
+def regression_tolerance(dtype: str) -> float:
+    """sqrt(eps) of the compute dtype: 3e-4 in float32, 0.09 in bfloat16; rounding stays far below."""
+    return float(np.sqrt(jnp.finfo(dtype).eps))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,7 +70,9 @@ class EarlyExitReport:
     # The median over timed passes of all layers' time over early exit's (None: not measured).
     speedup_measured: float | None
     exit_counts: list[int]  # examples that left at each exit
-    agreement: float  # fraction of predictions equal to the full model's at the exit taken (1.0)
+    # Fraction of predictions equal to the full model's at the exit taken (1.0); for regression,
+    # equal up to rounding (``regression_tolerance``).
+    agreement: float
     metrics: dict[str, float]  # every metric of the task, with early exit
     full_metrics: dict[str, float]  # the same, all layers (deepest exit)
     split: str
@@ -164,7 +129,7 @@ def run_early_exit(
     full = exit_logits  # [exits, N, labels]
     # What the full model's exit predicts for each example at the exit it took.
     at_exit = full[exit_index, np.arange(len(exit_index))]
-    agreement = float(np.mean(predictions_from_logits(at_exit) == predictions_from_logits(logits)))
+    agreed = agreement(logits, at_exit, config.dtype)
     seconds_early = seconds_full = speedup_measured = None
     if measure:
         # The all-layers baseline is the faster of the fused forward and the layer-by-layer
@@ -201,7 +166,7 @@ def run_early_exit(
         speedup_layers=speedup_layers(layers_run, config.num_hidden_layers),
         speedup_measured=speedup_measured,
         exit_counts=[int(c) for c in exit_counts(exit_index, config.num_exits)],
-        agreement=agreement,
+        agreement=agreed,
         metrics=metrics,
         full_metrics=full_metrics,
         split=split,
@@ -209,47 +174,6 @@ def run_early_exit(
         seconds_early=seconds_early,
         seconds_full=seconds_full,
     )
-
-
-# Speed-ups whose exact thresholds every sweep includes (and its table reports).
-SWEEP_TARGETS = (1.25, 1.5, 2.0, 3.0)
-
-
-def sweep_thresholds(exit_logits: np.ndarray, criterion: str, num_points: int = 50) -> list[float]:
-    """Thresholds from "never exit early" to "exit as early as possible" for a trade-off curve:
-    every patience, or quantiles of the criterion's score at the non-final exits."""
-    crit, _ = check_criterion(criterion, 1, exit_logits.shape[-1])
-    if crit.integer:
-        return [int(p) for p in range(max(exit_logits.shape[0] - 1, 1), 0, -1)]
-    scores = crit.score(exit_logits[:-1]).ravel()
-    grid = np.quantile(scores, np.linspace(0, 1, num_points))
-    grid = np.unique(np.clip(np.concatenate([[crit.low, crit.high], grid]), crit.low, crit.high))
-    return [float(t) for t in (grid if crit.looser_when_higher else grid[::-1])]
-
-
-def simulate(
-    exit_logits: np.ndarray,
-    labels: np.ndarray,
-    criterion: str,
-    threshold: float,
-    *,
-    task: Any,
-    config: ModelConfig,
-) -> dict[str, float]:
-    """Score and layer speed-up of a threshold, from the full model's logits of every exit.
-
-    Real early exit predicts exactly what the full model's exit does (tests/test_early_exit.py),
-    so a sweep need not re-run the model for each threshold.
-    """
-    exit_index = exit_decisions(exit_logits, criterion, threshold)
-    logits = np.take_along_axis(exit_logits, exit_index[None, :, None], axis=0)[0]
-    metrics = compute_metrics(task.metrics, predictions_from_logits(logits), labels)
-    layers_run = np.asarray(config.exits)[exit_index]
-    return {
-        "score": main_score(task, metrics),
-        "mean_layers": float(np.mean(layers_run)),
-        "speedup_layers": speedup_layers(layers_run, config.num_hidden_layers),
-    }
 
 
 @dataclasses.dataclass
@@ -261,7 +185,7 @@ class TrainedRun:
     model: MultiExitBert
     params: PyTree
     step: int
-    task: Any  # data.TaskInfo
+    task: TaskInfo
     splits: dict[str, Any]  # split name -> data.EncodedSplit
     data_config: dict[str, Any]
 
@@ -392,6 +316,7 @@ def format_report(report: EarlyExitReport, run: TrainedRun) -> str:
     counts = "  ".join(
         f"layer {layer}: {count}" for layer, count in zip(config.exits, report.exit_counts, strict=True)
     )
+    within = f" (within {regression_tolerance(config.dtype):.1g})" if config.num_labels == 1 else ""
     return "\n".join(
         [
             f"{run.workdir} (step {run.step}), {report.split}: {report.num_examples} examples",
@@ -402,7 +327,7 @@ def format_report(report: EarlyExitReport, run: TrainedRun) -> str:
             f"  speed-up in layers:  {report.speedup_layers:.2f}x",
             measured,
             f"  examples leaving at each exit: {counts}",
-            f"  predictions equal to the full model's at the exit taken: {report.agreement:.2%}",
+            f"  predictions equal to the full model's at the exit taken{within}: {report.agreement:.2%}",
         ]
     )
 

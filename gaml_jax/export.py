@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import export
 
-from gaml_jax import runtime
-from gaml_jax.early_exit import CRITERIA
+from gaml_jax import names, runtime
+from gaml_jax.criteria import CRITERIA, check_criterion
 from gaml_jax.model import MultiExitBert
 from gaml_jax.runtime import load  # noqa: F401  (the loader: gaml_jax.export.load(OUT))
 from gaml_jax.serving import EarlyExitClassifier
@@ -45,15 +45,10 @@ FORMAT = 1  # of serving.json
 def exit_logits(
     model: MultiExitBert, exit_params: PyTree, hidden: jax.Array, attention_mask: jax.Array
 ) -> jax.Array:
-    """Every exit of the exported program: [batch, seq, hidden] layer output -> [batch, labels] logits.
-
-    Pooling follows ``config.exit_pooling``: "cls" (the pooler's dense + tanh on [CLS]), or
-    "mean" (the same pooler on the mean of the real tokens' states, given to it as position 0).
-    """
-    if getattr(model.config, "exit_pooling", "cls") == "mean":
-        weights = attention_mask[..., None].astype(hidden.dtype)
-        hidden = ((hidden * weights).sum(1) / weights.sum(1))[:, None, :]
-    return model.apply({"params": exit_params}, 0, hidden, True, method=MultiExitBert.exit)
+    """Every exit of the exported program: [batch, seq, hidden] layer output and its [batch, seq]
+    mask -> [batch, labels] float32 logits (the model's own exit: ``config.exit_pooling`` of the
+    real tokens, the pooler where there is one, the classifier)."""
+    return model.apply({"params": exit_params}, 0, hidden, attention_mask, True, method=MultiExitBert.exit)
 
 
 def serving_params(model: MultiExitBert, params: PyTree) -> PyTree:
@@ -61,15 +56,16 @@ def serving_params(model: MultiExitBert, params: PyTree) -> PyTree:
     classifier (and pooler, where not shared) stacked [exits, ...], so the loop indexes them."""
     cfg = model.config
     stack = lambda trees: jax.tree.map(lambda *x: np.stack([np.asarray(a) for a in x]), *trees)
+    exits = range(cfg.num_exits)
     tree = {
-        "embeddings": jax.tree.map(np.asarray, params["embeddings"]),
-        "layers": stack([params[f"layer_{i}"] for i in range(cfg.exits[-1])]),  # none past the deepest exit
-        "classifiers": stack([params[f"classifier_{k}"] for k in range(cfg.num_exits)]),
+        "embeddings": jax.tree.map(np.asarray, params[names.EMBEDDINGS]),
+        "layers": stack([params[names.layer(i)] for i in range(cfg.exits[-1])]),  # none past the last exit
+        "classifiers": stack([params[names.classifier(k)] for k in exits]),
     }
-    if cfg.shared_pooler:
-        tree["pooler"] = jax.tree.map(np.asarray, params["pooler"])
-    else:
-        tree["poolers"] = stack([params[f"pooler_{k}"] for k in range(cfg.num_exits)])
+    if cfg.exit_pooler_dense and cfg.shared_pooler:
+        tree["pooler"] = jax.tree.map(np.asarray, params[names.pooler(0, shared=True)])
+    elif cfg.exit_pooler_dense:
+        tree["poolers"] = stack([params[names.pooler(k, shared=False)] for k in exits])
     return tree
 
 
@@ -86,8 +82,7 @@ def early_exit_program(model: MultiExitBert, criterion: str, treedef, *, toleran
     exit_of_layer = np.full(cfg.exits[-1], -1, np.int32)  # 0-based layer -> its exit, or -1
     for k, layer in enumerate(cfg.exits):
         exit_of_layer[layer - 1] = k
-    if criterion not in CRITERIA:
-        raise ValueError(f"Unknown exit criterion {criterion!r}; choose one of {sorted(CRITERIA)}.")
+    check_criterion(criterion, 1, num_labels)  # a known criterion that applies to the model
 
     def decide(logits, k, threshold, previous, count):
         """[batch] exits now, and the patience state (previous prediction, agreeing exits)."""
@@ -109,7 +104,7 @@ def early_exit_program(model: MultiExitBert, criterion: str, treedef, *, toleran
     def program(leaves, input_ids, attention_mask, token_type_ids, threshold):
         p = jax.tree.unflatten(treedef, leaves)
         hidden = model.apply(
-            {"params": {"embeddings": p["embeddings"]}},
+            {"params": {names.EMBEDDINGS: p["embeddings"]}},
             input_ids,
             token_type_ids,
             True,
@@ -117,11 +112,13 @@ def early_exit_program(model: MultiExitBert, criterion: str, treedef, *, toleran
         )
         batch = input_ids.shape[0]
 
-        def exit_params(k):
-            pooler = p["pooler"] if cfg.shared_pooler else jax.tree.map(lambda x: x[k], p["poolers"])
-            return {"pooler" if cfg.shared_pooler else "pooler_0": pooler} | {
-                "classifier_0": jax.tree.map(lambda x: x[k], p["classifiers"])
-            }
+        def exit_params(k):  # exit k's weights, named as exit 0's (the program applies exit 0)
+            out = {names.classifier(0): jax.tree.map(lambda x: x[k], p["classifiers"])}
+            if "pooler" in p:
+                out[names.pooler(0, shared=True)] = p["pooler"]
+            elif "poolers" in p:
+                out[names.pooler(0, shared=False)] = jax.tree.map(lambda x: x[k], p["poolers"])
+            return out
 
         def running(state):
             i, _, done, *_ = state
@@ -129,7 +126,7 @@ def early_exit_program(model: MultiExitBert, criterion: str, treedef, *, toleran
 
         def layer(state):
             i, hidden, done, logits_out, layer_out, previous, count = state
-            layer_params = {"layer_0": jax.tree.map(lambda x: x[i], p["layers"])}
+            layer_params = {names.layer(0): jax.tree.map(lambda x: x[i], p["layers"])}
             hidden = model.apply(
                 {"params": layer_params}, 0, hidden, attention_mask, True, method=MultiExitBert.layer
             )

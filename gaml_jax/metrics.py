@@ -3,19 +3,15 @@
 They need every prediction of a split at once (F1, MCC and the correlations are not means of
 per-batch values), so evaluation gathers predictions to the host and calls `compute_metrics`.
 Which metrics each task reports, and which one is its main score, is in the task table of
-`gaml_jax.data` (`TaskInfo.metrics`, `TaskInfo.main_metric`).
+`gaml_jax.tasks` (`TaskInfo.metrics`, `TaskInfo.main_metric`, `main_score`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import scipy.stats
-
-if TYPE_CHECKING:
-    from gaml_jax.data import TaskInfo
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -127,21 +123,7 @@ def compute_metrics(
     return results
 
 
-def main_score(task: TaskInfo | str, metrics: Mapping[str, float]) -> float:
-    """The task's headline number from `compute_metrics`' output.
-
-    Args:
-      task: a `TaskInfo`, or the name of a built-in task ("sst2", "mnli", "rt", ...).
-      metrics: the output of `compute_metrics` for one eval split.
-    """
-    if isinstance(task, str):
-        # Imported here: gaml_jax.data imports this module to check its task table.
-        from gaml_jax.data import task_info
-
-        task = task_info(task)
-    if task.main_metric not in metrics:
-        raise KeyError(
-            f"task {task.name!r} is scored by {task.main_metric!r}, which is not among the metrics "
-            f"given: {sorted(metrics)}"
-        )
-    return float(metrics[task.main_metric])
+def predictions_from_logits(logits: np.ndarray) -> np.ndarray:
+    """[..., labels] logits -> class ids, or the regression value where there is one label."""
+    logits = np.asarray(logits)
+    return logits[..., 0] if logits.shape[-1] == 1 else logits.argmax(-1)

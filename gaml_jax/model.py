@@ -19,6 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from gaml_jax import names
 from gaml_jax.config import ModelConfig
 
 Array = jax.Array
@@ -152,32 +153,46 @@ class BertLayer(nn.Module):
 
 
 class BertPooler(nn.Module):
+    """HF's pooler: dense + tanh on one [batch, hidden] vector (HF's reads the [CLS] state)."""
+
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, hidden: Array) -> Array:
-        return jnp.tanh(_dense(self.config, self.config.hidden_size, "dense")(hidden[:, 0]))
+    def __call__(self, pooled: Array) -> Array:
+        return jnp.tanh(_dense(self.config, self.config.hidden_size, "dense")(pooled))
+
+
+def pool_tokens(hidden: Array, attention_mask: Array, pooling: str) -> Array:
+    """[batch, seq, hidden] layer output -> [batch, hidden]: the [CLS] state (``cls``) or the mean
+    over the tokens the [batch, seq] mask marks real (``mean``; padding never enters it)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    # Summed in float32 even under bf16 compute; an all-padding row (never real) divides by 1.
+    mask = (attention_mask > 0).astype(jnp.float32)[:, :, None]
+    total = jnp.sum(hidden.astype(jnp.float32) * mask, axis=1)
+    return (total / jnp.maximum(jnp.sum(mask, axis=1), 1.0)).astype(hidden.dtype)
 
 
 class MultiExitBert(nn.Module):
-    """BERT with an exit (pooler, dropout, classifier) after each layer in ``config.exits``.
+    """BERT with an exit (pooling, pooler, dropout, classifier) after each layer in ``config.exits``.
 
     Parameters: ``embeddings``, ``layer_{i}`` (0-based, as HF), ``pooler`` (shared) or
-    ``pooler_{k}`` (one per exit), and ``classifier_{k}`` for exit k.
+    ``pooler_{k}`` (one per exit; neither without ``exit_pooler_dense``), and ``classifier_{k}``
+    for exit k (names made by ``gaml_jax.names``).
     """
 
     config: ModelConfig
 
     def setup(self):
         cfg = self.config
-        self.embeddings = BertEmbeddings(cfg)
-        self.layers = [BertLayer(cfg, name=f"layer_{i}") for i in range(cfg.num_hidden_layers)]
-        if cfg.shared_pooler:
-            self.pooler = BertPooler(cfg, name="pooler")
-        else:
-            self.poolers = [BertPooler(cfg, name=f"pooler_{k}") for k in range(cfg.num_exits)]
+        self.embeddings = BertEmbeddings(cfg, name=names.EMBEDDINGS)
+        self.layers = [BertLayer(cfg, name=names.layer(i)) for i in range(cfg.num_hidden_layers)]
+        if cfg.exit_pooler_dense and cfg.shared_pooler:
+            self.pooler = BertPooler(cfg, name=names.pooler(0, shared=True))
+        elif cfg.exit_pooler_dense:
+            self.poolers = [BertPooler(cfg, name=names.pooler(k, shared=False)) for k in range(cfg.num_exits)]
         self.exit_dropout = nn.Dropout(cfg.exit_dropout)
-        self.classifiers = [_dense(cfg, cfg.num_labels, f"classifier_{k}") for k in range(cfg.num_exits)]
+        self.classifiers = [_dense(cfg, cfg.num_labels, names.classifier(k)) for k in range(cfg.num_exits)]
 
     def embed(
         self, input_ids: Array, token_type_ids: Array | None = None, deterministic: bool = True
@@ -192,14 +207,23 @@ class MultiExitBert(nn.Module):
         bias = attention_bias(attention_mask, self.config.compute_dtype)
         return self.layers[index](hidden, bias, deterministic)
 
-    def pool(self, exit_index: int, hidden: Array) -> Array:
-        """Exit ``exit_index``'s pooler output: dense + tanh on the [CLS] state."""
-        pooler = self.pooler if self.config.shared_pooler else self.poolers[exit_index]
-        return pooler(hidden)
+    def pool(self, exit_index: int, hidden: Array, attention_mask: Array) -> Array:
+        """Exit ``exit_index``'s pooled vector [batch, hidden]: ``config.exit_pooling`` of the
+        [batch, seq, hidden] layer output under the [batch, seq] mask, then the pooler's
+        dense + tanh (with ``config.exit_pooler_dense``)."""
+        cfg = self.config
+        pooled = pool_tokens(hidden, attention_mask, cfg.exit_pooling)
+        if not cfg.exit_pooler_dense:
+            return pooled
+        return (self.pooler if cfg.shared_pooler else self.poolers[exit_index])(pooled)
 
-    def exit(self, exit_index: int, hidden: Array, deterministic: bool = True) -> Array:
-        """Exit ``exit_index``: [batch, seq, hidden] layer output -> [batch, labels] float32 logits."""
-        pooled = self.exit_dropout(self.pool(exit_index, hidden), deterministic=deterministic)
+    def exit(
+        self, exit_index: int, hidden: Array, attention_mask: Array, deterministic: bool = True
+    ) -> Array:
+        """Exit ``exit_index``: [batch, seq, hidden] layer output and its [batch, seq] 1/0 mask ->
+        [batch, labels] float32 logits."""
+        pooled = self.pool(exit_index, hidden, attention_mask)
+        pooled = self.exit_dropout(pooled, deterministic=deterministic)
         return self.classifiers[exit_index](pooled).astype(jnp.float32)
 
     def __call__(
@@ -220,7 +244,7 @@ class MultiExitBert(nn.Module):
             hidden = layer(hidden, bias, deterministic)
             hidden_states.append(hidden)
             if i + 1 in exit_of_layer:
-                logits.append(self.exit(exit_of_layer[i + 1], hidden, deterministic))
+                logits.append(self.exit(exit_of_layer[i + 1], hidden, attention_mask, deterministic))
         return MultiExitOutput(
             logits=jnp.stack(logits),
             hidden_states=tuple(hidden_states) if output_hidden_states else None,

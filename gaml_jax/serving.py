@@ -34,14 +34,10 @@ from tqdm.auto import tqdm
 from gaml_jax import data as data_lib
 from gaml_jax import evaluation, runtime
 from gaml_jax.checkpoints import RUN_CONFIG_FILE, TASK_FILE, TOKENIZER_DIR, load_trained
-from gaml_jax.early_exit import (
-    DEFAULT_BATCH_BUCKETS,
-    DEFAULT_REGRESSION_TOLERANCE,
-    EarlyExitRunner,
-    check_criterion,
-    find_threshold,
-)
+from gaml_jax.criteria import DEFAULT_REGRESSION_TOLERANCE, check_criterion, find_threshold
+from gaml_jax.early_exit import DEFAULT_BATCH_BUCKETS, EarlyExitRunner
 from gaml_jax.model import MultiExitBert
+from gaml_jax.tasks import TaskInfo
 from gaml_jax.weights import CONVERTED_MARKER, load_pretrained, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -155,7 +151,7 @@ class EarlyExitClassifier:
         self.tokenizer, self.pad_id = tokenizer.backend_tokenizer, int(tokenizer.pad_token_id)
         self._tokenize = runtime.TextTokenizer(self.tokenizer, max_length)
         self.text_columns = tuple(text_columns or (("sentence1", "sentence2") if pair else ("text",)))
-        self.task: data_lib.TaskInfo | None = None  # set by from_workdir
+        self.task: TaskInfo | None = None  # set by from_workdir
         self.step: int | None = None
         # The runner puts the parameters on the device, once.
         self.runner = EarlyExitRunner(model, params, batch_buckets=tuple(batch_buckets))
@@ -341,10 +337,10 @@ class EarlyExitClassifier:
         return compilations.count
 
 
-def read_task(workdir: str | Path) -> data_lib.TaskInfo:
+def read_task(workdir: str | Path) -> TaskInfo:
     """The task a ``train.py`` run was trained on (its ``task.json``)."""
     fields = json.loads((Path(workdir) / TASK_FILE).read_text())
-    return data_lib.TaskInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    return TaskInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def calibrate_threshold(
@@ -489,7 +485,7 @@ def _json_record(record: Any, path: str, row: int) -> dict[str, Any]:
     return record
 
 
-def label_ids(values: Sequence[Any], task: data_lib.TaskInfo, path: str) -> np.ndarray:
+def label_ids(values: Sequence[Any], task: TaskInfo, path: str) -> np.ndarray:
     """Label values -> int32 class ids (a class name, or an id 0..n-1), float32 for regression."""
     if task.is_regression:
         try:
@@ -692,7 +688,7 @@ def write_predictions(
     batches: Sequence[dict[str, np.ndarray]],
     criterion: str,
     threshold: float,
-    task: data_lib.TaskInfo,
+    task: TaskInfo,
 ) -> None:
     """Early exit over ``batches``, one JSON object per example (``prediction_record`` plus the
     gold ``gold_label``), in order, to ``path``."""

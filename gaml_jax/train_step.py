@@ -8,7 +8,12 @@ The only sign of parallelism inside the step is ``lax.psum`` over ``axis_name``:
 are normalised by the GLOBAL number of examples, so the summed per-device gradients are
 exactly the gradients of the whole batch, and the projection sees the global gradients.
 Parallelism is applied once, at the call site: :func:`shard_map_step` (a device mesh, the
-form JAX recommends) or :func:`pmap_step` (the design card's ``jax.pmap``).
+form JAX recommends) or :func:`pmap_step` (the design card's ``jax.pmap``); both compute what
+one device computes on the whole batch.
+
+Whether a KD gradient is computed is decided by the optimizer alone: the step computes it
+exactly when the optimizer has a :func:`gradient_alignment` link, its only consumer
+(:func:`make_optimizer` adds one for ``ml`` and ``gaml``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gaml_jax.alignment import alignment_diagnostics, gradient_alignment
+from gaml_jax import names
+from gaml_jax.alignment import GradientAlignmentState, alignment_diagnostics, gradient_alignment
 from gaml_jax.losses import ce_loss, exit_weights, mutual_learning_loss, per_exit_ce
 from gaml_jax.model import MultiExitBert
 
@@ -42,7 +48,7 @@ class TrainState(NamedTuple):
 
 
 def _is_exit_classifier(path: tuple) -> bool:
-    return str(getattr(path[0], "key", path[0])).startswith("classifier_")
+    return names.is_classifier(str(getattr(path[0], "key", path[0])))
 
 
 def _decays(path: tuple, leaf: jax.Array) -> bool:
@@ -77,7 +83,7 @@ def make_optimizer(
 ) -> optax.GradientTransformationExtraArgs:
     """GA (for ``ml``/``gaml``), global-norm clipping, then AdamW with its own rate for the exits.
 
-    ``method="ce"`` has no GA link: the step then computes no KD gradient at all.
+    ``method="ce"`` has no GA link: :func:`train_step` then computes no KD gradient at all.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown training method {method!r}; choose one of {METHODS}.")
@@ -109,6 +115,15 @@ def create_train_state(params: PyTree, tx: optax.GradientTransformation) -> Trai
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
+def uses_kd(opt_state: optax.OptState) -> bool:
+    """True if the optimizer has a gradient-alignment link, the consumer of ``kd_grads``.
+
+    Decided from the structure of the state (static under ``jit``): the training method is
+    chosen once, by the optimizer, and the step cannot compute KD gradients nobody uses.
+    """
+    return bool(optax.tree_utils.tree_get_all_with_path(opt_state, GradientAlignmentState.__name__))
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -116,7 +131,6 @@ def train_step(
     *,
     model: MultiExitBert,
     tx: optax.GradientTransformationExtraArgs,
-    method: str = "gaml",
     temperature: float = 1.0,
     exit_weighting: str = "layer",
     grad_mode: str = "vjp",
@@ -125,7 +139,8 @@ def train_step(
     """One GAML update on ``batch`` (this device's shard when ``axis_name`` is set).
 
     ``rng`` is the run's base key: the step's key is derived from it and the step number (and
-    the device index), never carried, so a resumed run replays exactly.
+    the device index), never carried, so a resumed run replays exactly. The method (CE only, or
+    CE and KD gradients) follows from ``tx``: see :func:`uses_kd`.
     """
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"Unknown grad_mode {grad_mode!r}; choose one of {GRAD_MODES}.")
@@ -138,6 +153,14 @@ def train_step(
         count = jax.lax.psum(count, axis_name)
     normalizer = jnp.maximum(count, 1.0)
     exit_w = jnp.asarray(exit_weights(model.config.exits, exit_weighting))
+    with_kd = uses_kd(state.opt_state)
+    local_params = state.params
+    if axis_name is not None:
+        # Differentiate each device's loss w.r.t. its own (varying) copy of the parameters, so
+        # that the psum below is the only reduction. Under shard_map's varying-axes check, the
+        # gradient w.r.t. replicated (invariant) parameters is already summed over the mesh, and
+        # the psum would count it once per device. A no-op under pmap, which does not check.
+        local_params = jax.lax.pcast(local_params, axis_name, to="varying")
 
     def forward(params: PyTree) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
         exit_logits = model.apply(
@@ -149,22 +172,22 @@ def train_step(
             rngs={"dropout": rng},
         ).logits  # [exits, batch, labels]
         ce = ce_loss(exit_logits, batch["labels"], weights, exit_w, normalizer)
-        kd = mutual_learning_loss(exit_logits, weights, temperature, normalizer) if method != "ce" else 0.0
+        kd = mutual_learning_loss(exit_logits, weights, temperature, normalizer) if with_kd else 0.0
         return (ce, jnp.asarray(kd, jnp.float32)), exit_logits
 
-    if method == "ce":
-        (ce_grads, exit_logits), (ce, kd) = _grad_ce_only(forward, state.params)
+    if not with_kd:
+        (ce_grads, exit_logits), (ce, kd) = _grad_ce_only(forward, local_params)
         kd_grads = None
     elif grad_mode == "vjp":
-        (ce, kd), pull_back, exit_logits = jax.vjp(forward, state.params, has_aux=True)
+        (ce, kd), pull_back, exit_logits = jax.vjp(forward, local_params, has_aux=True)
         one, zero = jnp.ones_like(ce), jnp.zeros_like(ce)  # same type as the loss (varying under shard_map)
         (ce_grads,) = pull_back((one, zero))
         (kd_grads,) = pull_back((zero, one))
     else:  # Two independent jax.grad calls, as the design card writes it.
         (ce, exit_logits), ce_grads = jax.value_and_grad(
             lambda p: (lambda out: (out[0][0], out[1]))(forward(p)), has_aux=True
-        )(state.params)
-        kd, kd_grads = jax.value_and_grad(lambda p: forward(p)[0][1])(state.params)
+        )(local_params)
+        kd, kd_grads = jax.value_and_grad(lambda p: forward(p)[0][1])(local_params)
 
     if axis_name is not None:
         ce_grads, kd_grads, ce, kd = jax.lax.psum((ce_grads, kd_grads, ce, kd), axis_name)
@@ -194,7 +217,7 @@ def train_step(
         # Checked at log steps, before any checkpoint is written: a non-finite update is never saved.
         "params_finite": jnp.isfinite(optax.tree.norm(params)).astype(jnp.float32),
     }
-    if method != "ce":
+    if with_kd:
         metrics.update(alignment_diagnostics(opt_state))
     return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -250,8 +273,9 @@ def pmap_step(step_fn: Callable, devices: list | None = None) -> Callable:
 
 
 def pmap_replicate(tree: PyTree, num_devices: int) -> PyTree:
-    """Stacks ``num_devices`` copies of a host pytree: the layout :func:`pmap_step` expects."""
-    return jax.tree.map(lambda x: np.stack([np.asarray(x)] * num_devices), tree)
+    """``num_devices`` copies of a host pytree on a new leading axis: the layout :func:`pmap_step`
+    expects. A broadcast view: the host holds one copy, whatever the number of devices."""
+    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (num_devices, *np.shape(x))), tree)
 
 
 def split_for_pmap(batch: dict[str, np.ndarray], num_devices: int) -> dict[str, np.ndarray]:

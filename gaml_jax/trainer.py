@@ -6,32 +6,70 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
 from gaml_jax import data as data_lib
-from gaml_jax.checkpoints import Checkpointer, write_run_metadata
-from gaml_jax.evaluation import exit_scores, make_predict_fn, predict_exits
+from gaml_jax.checkpoints import (
+    CHECKPOINT_DIR,
+    RUN_CONFIG_FILE,
+    Checkpointer,
+    write_json_atomic,
+    write_run_metadata,
+)
+from gaml_jax.evaluator import exit_scores, make_predict_fn, predict_exits
+from gaml_jax.tasks import TaskInfo
 from gaml_jax.train_step import (
     GRAD_MODES,
     METHODS,
     TrainState,
     create_train_state,
     data_mesh,
+    learning_rate_schedule,
     make_optimizer,
+    pmap_replicate,
+    pmap_step,
     replicate,
     shard_batch,
     shard_map_step,
+    split_for_pmap,
     train_step,
 )
 from gaml_jax.weights import load_pretrained, load_tokenizer
 from gaml_jax.writer import MetricWriter
+
+PARALLEL_FORMS = ("shard_map", "pmap")
+
+# Fields a resumed run may change: they alter neither the data, the model nor the updates, only how
+# often the run logs and checkpoints, where tokens are cached, how dev batches are cut, and how the
+# same step is parallelised or differentiated.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "data.cache_dir",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.eval_batch_size",
+        "train.parallel",
+        "train.grad_mode",
+    }
+)
+# Fields that `extend=True` (train.py --extend) lets a resumed run change: the run's length.
+EXTENSIONS = frozenset({"train.num_train_steps", "train.num_epochs"})
+
+
+class ConfigError(ValueError):
+    """A config that cannot run in this workdir; the message names the fields and the fix."""
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -62,15 +100,154 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError("Set train.num_epochs > 0 or train.num_train_steps > 0.")
     if t.temperature <= 0:
         raise ValueError(f"train.temperature must be > 0, got {t.temperature}.")
+    # 0 is allowed for these (a learning rate of 0 freezes that part); a negative value would
+    # train in the wrong direction, or be taken as "off" somewhere without a word.
+    for key in (
+        "learning_rate",
+        "exit_learning_rate",
+        "warmup_steps",
+        "weight_decay",
+        "grad_clip_norm",
+        "kd_weight",
+        "num_train_steps",
+    ):
+        if not (math.isfinite(t[key]) and t[key] >= 0):
+            raise ValueError(f"train.{key} must be a number >= 0, got {t[key]}; set --config.train.{key}.")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):  # counts: 0 would mean never
+        if t[key] < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {t[key]}; set --config.train.{key}.")
+    if t.parallel not in PARALLEL_FORMS:
+        raise ValueError(f"train.parallel={t.parallel!r} is not one of {PARALLEL_FORMS}.")
+    if t.parallel == "pmap" and jax.process_count() > 1:
+        raise ValueError(
+            "train.parallel='pmap' maps over one host's devices only; multi-host runs need "
+            "--config.train.parallel=shard_map."
+        )
 
 
-def _mean_metrics(history: list[dict[str, jax.Array]], first_step: int) -> dict[str, float]:
-    """Example-weighted means of the per-step metrics (one host transfer per log step).
+def _flat_items(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat_items(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
-    ``first_step`` is the step number of ``history[0]``; ``first_bad_step`` names the first step
+
+def _as_saved(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as ``config.json`` holds it (tuples as lists, odd values as strings)."""
+    return json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+
+
+def check_resume(
+    config: ml_collections.ConfigDict, workdir: Path, step: int, *, extend: bool = False
+) -> bool:
+    """Compares ``config`` with the ``config.json`` of the run in ``workdir`` (at ``step``).
+
+    Raises ConfigError naming the fields that differ where the run cannot go on under the new
+    config. Returns True where ``config.json`` must be rewritten (only fields in
+    ``RESUMABLE_CHANGES``, or with ``extend`` the run's length, differ).
+    """
+    path = workdir / RUN_CONFIG_FILE
+    if not path.exists():
+        raise ConfigError(
+            f"{workdir} holds checkpoints but no {RUN_CONFIG_FILE} (not a train.py workdir, or a damaged "
+            "one): train in a new --workdir."
+        )
+    missing = "(absent)"
+    saved, new = _flat_items(json.loads(path.read_text())), _flat_items(_as_saved(config))
+    changed = sorted(k for k in saved.keys() | new.keys() if saved.get(k, missing) != new.get(k, missing))
+    allowed = RESUMABLE_CHANGES | (EXTENSIONS if extend else frozenset())
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+
+        def show(flat: dict, key: str) -> str:
+            return json.dumps(flat[key]) if key in flat else missing
+
+        diff = ", ".join(f"{k} {show(saved, k)} -> {show(new, k)}" for k in refused)
+        how = (
+            "--extend permits changing only train.num_train_steps and train.num_epochs"
+            if extend
+            else "to train it longer, change only train.num_train_steps or train.num_epochs and add --extend"
+        )
+        raise ConfigError(
+            f"{workdir} holds a run (at step {step}) with another config: {diff}. Resume it with its own "
+            f"config ({path}), or train in a new --workdir; {how}."
+        )
+    return bool(changed)
+
+
+def _latest_step(workdir: Path) -> int:
+    """The step of the workdir's latest checkpoint, 0 if none (creates nothing)."""
+    if not (workdir / CHECKPOINT_DIR).is_dir():
+        return 0
+    ckpt = Checkpointer(workdir)
+    try:
+        return ckpt.latest_step() or 0
+    finally:
+        ckpt.close()
+
+
+def _logged_results(workdir: Path, splits: tuple[str, ...]) -> dict[str, list[dict[str, float]]]:
+    """The last dev evaluation that ``metrics.jsonl`` holds: ``{split: [metrics of each exit]}``."""
+    path = workdir / "metrics.jsonl"  # MetricWriter's file
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    results = {}
+    for split in splits:
+        rows = [line for line in lines if line["split"].startswith(f"{split}/exit")]
+        if rows:
+            last = max(row["step"] for row in rows)
+            by_exit = {
+                int(row["split"].rsplit("exit", 1)[1]): {
+                    k: v for k, v in row.items() if k not in ("step", "split")
+                }
+                for row in rows
+                if row["step"] == last
+            }
+            results[split] = [by_exit[k] for k in sorted(by_exit)]
+    return results
+
+
+class _Parallel(NamedTuple):
+    """How the step is spread over the devices (``train.parallel``)."""
+
+    step: Callable  # (device state, device batch, rng) -> (device state, metrics)
+    put_state: Callable  # host TrainState -> device state
+    put_batch: Callable  # this process's host batch -> device batch
+    unreplicate: Callable  # device state or host metrics -> one copy (checkpoints, logs)
+    eval_params: Callable  # device state -> params replicated over the mesh (evaluation)
+
+
+def _parallel(form: str, step_fn: Callable, mesh: jax.sharding.Mesh) -> _Parallel:
+    if form == "shard_map":
+        return _Parallel(
+            step=shard_map_step(step_fn, mesh),
+            put_state=lambda state: replicate(state, mesh),
+            put_batch=lambda batch: shard_batch(batch, mesh),
+            unreplicate=lambda tree: tree,  # global arrays, replicated over the mesh
+            eval_params=lambda state: state.params,
+        )
+    n = jax.local_device_count()
+
+    def first(tree):
+        return jax.tree.map(lambda x: x[0], tree)  # replicas are identical
+
+    return _Parallel(
+        step=pmap_step(step_fn),
+        put_state=lambda state: pmap_replicate(state, n),
+        put_batch=lambda batch: split_for_pmap(batch, n),
+        unreplicate=first,
+        eval_params=lambda state: replicate(jax.device_get(first(state.params)), mesh),
+    )
+
+
+def _mean_metrics(host: list[dict[str, np.ndarray]], first_step: int) -> dict[str, float]:
+    """Example-weighted means of the per-step metrics (fetched in one host transfer per log step).
+
+    ``first_step`` is the step number of ``host[0]``; ``first_bad_step`` names the first step
     whose loss or parameters were not finite (0 if none).
     """
-    host = jax.device_get(history)
     counts = np.array([m["count"] for m in host], np.float64)
     total = max(counts.sum(), 1.0)
     out: dict[str, float] = {
@@ -90,20 +267,34 @@ def _mean_metrics(history: list[dict[str, jax.Array]], first_step: int) -> dict[
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *, stop_after_step: int | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    extend: bool = False,
+    stop_after_step: int | None = None,
 ):
     """Trains ``config`` into ``workdir`` (resuming from its latest checkpoint) and returns the last
     dev evaluation: ``{split: [metrics of exit 0, exit 1, ...]}``.
 
+    A workdir that holds a run resumes it only under the same config (see :func:`check_resume`);
+    ``extend`` lets the resumed run change its length (``train.num_train_steps`` /
+    ``train.num_epochs``). A finished run is not trained again: its logged results are returned.
     ``stop_after_step`` ends the run right after that step's checkpoint, as a kill would (tests).
     """
     check_config(config)
     workdir = Path(workdir).absolute()
     t = config.train
+    start_step = _latest_step(workdir)
+    rewrite_config = start_step > 0 and check_resume(config, workdir, start_step, extend=extend)
     tokenizer = load_tokenizer(config.model.name)
     task, splits = data_lib.load_task(config.data, tokenizer)
     bucket_kw = dict(buckets=tuple(config.data.length_buckets), max_length=config.data.max_length)
     proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train_split = splits[task.train_split]
+    steps_per_epoch = data_lib.steps_per_epoch(train_split, t.batch_size)
+    total_steps = int(t.num_train_steps or steps_per_epoch * t.num_epochs)
+    if start_step >= total_steps:
+        return _report_finished(workdir, task, start_step, total_steps)
 
     overrides = {k: v for k, v in config.model.items() if k not in ("name", "dtype") and v is not None}
     model, params = load_pretrained(
@@ -113,9 +304,6 @@ def train_and_evaluate(
         dtype=resolve_dtype(config.model.dtype),
         **overrides,
     )
-    train_split = splits[task.train_split]
-    steps_per_epoch = data_lib.steps_per_epoch(train_split, t.batch_size)
-    total_steps = int(t.num_train_steps or steps_per_epoch * t.num_epochs)
     tx = make_optimizer(
         method=t.method,
         total_steps=total_steps,
@@ -128,13 +316,21 @@ def train_and_evaluate(
         per_tensor_alignment=t.per_tensor_alignment,
     )
     state = create_train_state(params, tx)
+    # The rate of update s is schedule(s - 1) (optax counts from 0). Tabulated once, before the
+    # loop, with the optimizer's own schedule: logging it never waits on the devices.
+    counts = jnp.arange(total_steps)
+    rates = {
+        key: np.asarray(jax.vmap(learning_rate_schedule(t[key], t.warmup_steps, total_steps))(counts))
+        for key in ("learning_rate", "exit_learning_rate")
+    }
 
     ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
-    start_step = ckpt.latest_step() or 0
     if start_step:
         params, opt_state = ckpt.restore(start_step, state.params, state.opt_state)
         state = TrainState(step=np.int32(start_step), params=params, opt_state=opt_state)
         if jax.process_index() == 0:
+            if rewrite_config:  # allowed changes: config.json describes the run as it goes on
+                write_json_atomic(workdir / RUN_CONFIG_FILE, config.to_dict())
             print(f"Resuming {workdir} from its checkpoint at step {start_step} of {total_steps}.")
     elif jax.process_index() == 0:
         write_run_metadata(
@@ -142,29 +338,30 @@ def train_and_evaluate(
         )
 
     mesh = data_mesh()
-    state = replicate(state, mesh)
-    step_fn = shard_map_step(
+    parallel = _parallel(
+        t.parallel,
         functools.partial(
             train_step,
             model=model,
             tx=tx,
-            method=t.method,
             temperature=t.temperature,
             exit_weighting=t.exit_weighting,
             grad_mode=t.grad_mode,
         ),
         mesh,
     )
+    state = parallel.put_state(state)
     predict_fn = make_predict_fn(model)
     rng = jax.random.key(t.seed)
     writer = MetricWriter(workdir)
 
     def evaluate(step: int) -> tuple[dict[str, list[dict[str, float]]], float]:
         results = {}
+        params = parallel.eval_params(state)
         for split_name in task.eval_splits:
             batches = data_lib.eval_batches(splits[split_name], t.eval_batch_size, **bucket_kw, **proc)
             exit_logits, labels = predict_exits(
-                predict_fn, state.params, batches, put=lambda b: shard_batch(b, mesh)
+                predict_fn, params, batches, put=lambda b: shard_batch(b, mesh)
             )
             results[split_name] = scores = exit_scores(task.metrics, exit_logits, labels)
             for k, exit_metrics in enumerate(scores):
@@ -172,6 +369,10 @@ def train_and_evaluate(
         # The checkpoint's score: the deepest exit's main metric on the first dev split.
         score = results[task.eval_splits[0]][-1][task.main_metric]
         return results, score
+
+    def save(step: int, score: float | None = None) -> None:
+        one = parallel.unreplicate(state)
+        ckpt.save(step, one.params, one.opt_state, score=score)
 
     batches = data_lib.train_batches(
         train_split,
@@ -195,14 +396,15 @@ def train_and_evaluate(
     progress.set_postfix_str("compiling the step (first call)...")
     tick, examples = time.perf_counter(), 0
     for step in range(start_step, total_steps):
-        state, metrics = step_fn(state, shard_batch(next(batches), mesh), rng)
+        state, metrics = parallel.step(state, parallel.put_batch(next(batches)), rng)
         history.append(metrics)
         examples += t.batch_size
         progress.update(1)
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0 or done == total_steps
         if done % t.log_every == 0 or end_of_epoch or done % t.checkpoint_every == 0:
-            summary = _mean_metrics(history, first_step=done - len(history) + 1)
+            host = [parallel.unreplicate(m) for m in jax.device_get(history)]
+            summary = _mean_metrics(host, first_step=done - len(history) + 1)
             history = []
             bad_step = summary.pop("first_bad_step")
             if bad_step:
@@ -214,7 +416,7 @@ def train_and_evaluate(
                 )
             elapsed = time.perf_counter() - tick
             summary["examples_per_s"] = examples / max(elapsed, 1e-9)
-            summary["learning_rate_step"] = done
+            summary.update({key: float(rate[done - 1]) for key, rate in rates.items()})
             tick, examples = time.perf_counter(), 0
             writer.write(done, "train", summary)
             progress.set_postfix(
@@ -227,12 +429,28 @@ def train_and_evaluate(
                 f"step {done} (epoch {math.ceil(done / steps_per_epoch)}): dev {task.main_metric} "
                 f"by exit: {line}"
             )
-            ckpt.save(done, state.params, state.opt_state, score=score)
+            save(done, score)
         elif done % t.checkpoint_every == 0:
-            ckpt.save(done, state.params, state.opt_state)
+            save(done)
         if stop_after_step is not None and done >= stop_after_step:
             break
     progress.close()
     writer.close()
     ckpt.close()
+    return results
+
+
+def _report_finished(
+    workdir: Path, task: TaskInfo, step: int, total_steps: int
+) -> dict[str, list[dict[str, float]]]:
+    """A finished run is not trained again: says so, with the results it logged."""
+    results = _logged_results(workdir, task.eval_splits)
+    if jax.process_index() == 0:
+        dev = task.eval_splits[0]
+        scores = " ".join(f"{m[task.main_metric]:.4f}" for m in results.get(dev, []))
+        print(
+            f"{workdir} already finished at step {step} of {total_steps}; its {dev} {task.main_metric} "
+            f"by exit: {scores or '(not logged)'}. To train it longer, raise train.num_train_steps "
+            "(or train.num_epochs) and add --extend; to train again, use a new --workdir."
+        )
     return results

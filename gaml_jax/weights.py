@@ -17,6 +17,11 @@ rules for a new task head: ``pooler.dense`` starts the shared pooler or every pe
 other exit classifier starts from N(0, initializer_range) with zero bias, seeded by ``seed``.
 Pre-training heads (``cls.*``) and buffers (``embeddings.position_ids``) are dropped.
 
+The exits' pooling (``ModelConfig.exit_pooling``) is the checkpoint's own where it says one
+(``exit_pooling="auto"``, the default): a sentence-transformers folder whose ``modules.json``
+names a Pooling module with ``pooling_mode_mean_tokens`` gets ``mean``; any other checkpoint
+``cls``, the [CLS] state BERT's pooler reads. A converted folder keeps the value it was saved with.
+
 Params are the ``params`` collection (``model.apply({"params": params}, ...)``): a plain nested
 dict of float32 numpy arrays on the host.
 """
@@ -40,6 +45,7 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
+from gaml_jax import names
 from gaml_jax.config import ModelConfig
 from gaml_jax.model import MultiExitBert
 
@@ -53,6 +59,9 @@ _PARAMS_DIR = "params"
 _SAFETENSORS, _SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 _TORCH_BIN, _TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+# sentence-transformers describe their modules (the Pooling one among them) in these small files.
+_ST_MODULES, _ST_POOLING = "modules.json", "sentence_transformers.models.Pooling"
+_ST_FILES = (_ST_MODULES, "*Pooling/config.json")
 _LOCAL_FOLDERS = (
     "a Hugging Face BERT folder (config.json with model_type 'bert', plus model.safetensors or "
     "pytorch_model.bin) or a folder written by `python -m gaml_jax.convert`"
@@ -64,8 +73,6 @@ _BUFFERS = frozenset({"embeddings.position_ids", "embeddings.token_type_ids"})
 # Source keys name the exit layer a pooler or classifier belongs to (1-based). A HF pooler serves
 # any layer and a HF classifier sits on the deepest exit: they carry this layer number instead.
 _UNTIED = 0
-# Our leaf name -> HF's.
-_HF_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +88,10 @@ class LoadReport:
     @property
     def new_parameters(self) -> tuple[str, ...]:
         """Missing parameters other than the exit classifiers, which are expected to start fresh."""
-        return tuple(p for p in self.missing if not p.startswith("classifier_"))
+        return tuple(p for p in self.missing if not names.is_classifier(p))
 
     def log(self) -> None:
-        fresh = sorted({p.split("/")[0] for p in self.missing if p.startswith("classifier_")})
+        fresh = sorted({p.split("/")[0] for p in self.missing if names.is_classifier(p)})
         logger.info(
             "Loaded %s. Exit classifiers starting from their init: %s. Dropped by design "
             "(pre-training heads, buffers): %d tensors.",
@@ -126,6 +133,7 @@ def load_pretrained(
     num_labels: int | None = None,
     *,
     seed: int = 0,
+    exit_pooling: str = "auto",
     **config_overrides: Any,
 ) -> tuple[MultiExitBert, Params]:
     """Builds a ``MultiExitBert`` and its float32 params from a BERT checkpoint.
@@ -136,6 +144,8 @@ def load_pretrained(
         (a converted folder's config, or the ``id2label`` of a ``BertForSequenceClassification``),
         else 2.
       seed: seeds the parameters the checkpoint does not hold (the exit classifiers).
+      exit_pooling: ``cls``, ``mean``, or ``auto``: the checkpoint's own (``checkpoint_pooling``;
+        a converted folder's saved value).
       **config_overrides: ``ModelConfig`` fields, e.g. ``exit_layers=(4, 8, 12)``,
         ``shared_pooler=False``, ``dtype="bfloat16"``.
 
@@ -144,7 +154,8 @@ def load_pretrained(
 
     Raises:
       FileNotFoundError: no such folder, or a folder without config.json or weights.
-      ValueError: not a BERT checkpoint, or a tensor whose shape does not fit the config.
+      ValueError: not a BERT checkpoint, a tensor whose shape does not fit the config, or a weights
+        file that is damaged or incomplete (an interrupted download).
       OSError: a hub id that cannot be fetched (offline, or no such repository).
       ImportError: a ``pytorch_model.bin`` checkpoint and no torch.
     """
@@ -153,13 +164,19 @@ def load_pretrained(
         saved_config, saved_params = _read_converted(folder)
         if num_labels is not None:
             config_overrides["num_labels"] = num_labels
+        if exit_pooling != "auto":
+            config_overrides["exit_pooling"] = exit_pooling
         config = saved_config.replace(**config_overrides)
         source, ignored, unused = _converted_source(saved_config, saved_params), [], []
     else:
         hf_config = _read_hf_config(folder)
         if num_labels is None:
             num_labels = _hf_num_labels(hf_config)
-        config = ModelConfig.from_hf(hf_config, num_labels=num_labels, **config_overrides)
+        if exit_pooling == "auto":
+            exit_pooling = checkpoint_pooling(folder)
+        config = ModelConfig.from_hf(
+            hf_config, num_labels=num_labels, exit_pooling=exit_pooling, **config_overrides
+        )
         source, ignored, unused = _hf_source(_read_hf_weights(folder))
     params, report = _assemble(config, source, seed, str(name_or_path), ignored, unused)
     report.log()
@@ -177,6 +194,33 @@ def convert_hf_state_dict(
     """
     tensors, ignored, unused = _hf_source({name: np.asarray(array) for name, array in state_dict.items()})
     return _assemble(config, tensors, seed, source, ignored, unused)
+
+
+def checkpoint_pooling(folder: str | os.PathLike) -> str:
+    """The exit pooling a HF checkpoint folder was trained for: ``mean`` where its
+    sentence-transformers files (``modules.json``, then the Pooling module's ``config.json``) say
+    ``pooling_mode_mean_tokens``; ``cls`` otherwise (plain BERT, [CLS] pooling, or any pooling the
+    exits do not offer, which is logged)."""
+    folder = Path(folder)
+    if not (folder / _ST_MODULES).is_file():
+        return "cls"
+    try:
+        modules = json.loads((folder / _ST_MODULES).read_text())
+        pooling = next((m for m in modules if m.get("type") == _ST_POOLING), None)
+        if pooling is None:
+            return "cls"
+        modes = json.loads((folder / pooling.get("path", "") / "config.json").read_text())
+    except (OSError, ValueError, AttributeError, TypeError) as err:  # unreadable: BERT's own pooling
+        logger.warning(
+            "%s: cannot read its sentence-transformers pooling (%s); exits pool [CLS].", folder, err
+        )
+        return "cls"
+    if modes.get("pooling_mode_mean_tokens"):
+        return "mean"
+    if not modes.get("pooling_mode_cls_token"):
+        used = sorted(k for k, v in modes.items() if k.startswith("pooling_mode") and v)
+        logger.warning("%s: pooling %s has no exit counterpart; exits pool [CLS].", folder, used)
+    return "cls"
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
@@ -209,15 +253,30 @@ def _resolve(name_or_path: str | os.PathLike, *, weights: bool = True) -> Path:
     if path.exists():
         raise NotADirectoryError(f"{path} is a file; expected {_EXPECTED}.")
     name = str(name_or_path)
-    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"No such folder: {path}. Expected {_EXPECTED}.")
+    if _meant_as_folder(name):
+        raise FileNotFoundError(f"No such folder: {os.path.abspath(path)}. Expected {_EXPECTED}.")
     return _download(name, weights)
+
+
+def _meant_as_folder(name: str) -> bool:
+    """Whether a name that is no folder here was meant as one rather than as a hub id (``name``
+    or ``org/name``): it starts or ends like a path, has more parts than ``org/name``, or its
+    ``org`` part is a folder here (``models/bert`` run from beside ``models/``)."""
+    separators = tuple(s for s in ("/", os.sep, os.altsep) if s)
+    parts = Path(name).parts
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.endswith(separators)
+        or len(parts) > 2
+        or (len(parts) == 2 and Path(parts[0]).is_dir())
+    )
 
 
 def _download(repo_id: str, weights: bool) -> Path:
     from huggingface_hub import snapshot_download
 
-    files = ["config.json", *_TOKENIZER_FILES]
+    files = ["config.json", *_TOKENIZER_FILES, *_ST_FILES]
     safetensors_files = ["model*.safetensors", _SAFETENSORS_INDEX] if weights else []
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=files + safetensors_files))
@@ -228,9 +287,9 @@ def _download(repo_id: str, weights: bool) -> Path:
             folder = Path(snapshot_download(repo_id, allow_patterns=files + bin_files))
     except (OSError, ValueError) as err:  # The hub's offline, not-found and bad-id errors all are.
         raise OSError(
-            f"Could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
-            f"Offline (HF_HUB_OFFLINE), no network, or no such repository: pass a local folder instead, "
-            f"{_LOCAL_FOLDERS}."
+            f"Could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}), and "
+            f"there is no folder {os.path.abspath(repo_id)}. Offline (HF_HUB_OFFLINE), no network, or no "
+            f"such repository: pass a local folder instead, {_LOCAL_FOLDERS}."
         ) from err
     return folder
 
@@ -293,12 +352,24 @@ def _read_shards(folder: Path, index_name: str, read) -> dict[str, np.ndarray]:
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
-        return safetensors.numpy.load_file(path)
-    except TypeError:  # bfloat16, which numpy has no dtype for: read through JAX, on the host.
-        from safetensors import flax as safetensors_flax
+        try:
+            return safetensors.numpy.load_file(path)
+        except TypeError:  # bfloat16, which numpy has no dtype for: read through JAX, on the host.
+            from safetensors import flax as safetensors_flax
 
-        with jax.default_device(jax.devices("cpu")[0]):
-            return {k: np.asarray(v.astype(jnp.float32)) for k, v in safetensors_flax.load_file(path).items()}
+            with jax.default_device(jax.devices("cpu")[0]):
+                tensors = safetensors_flax.load_file(path)
+                return {k: np.asarray(v.astype(jnp.float32)) for k, v in tensors.items()}
+    except safetensors.SafetensorError as err:
+        raise ValueError(_damaged(path, err)) from err
+
+
+def _damaged(path: Path, err: Exception) -> str:
+    return (
+        f"{path} is damaged or incomplete ({str(err).splitlines()[0]}); an interrupted download or copy "
+        f"leaves such a file. Download or copy it again (for a hub id, delete it from the Hugging Face "
+        f"cache, HF_HOME, and load again), or convert or export the checkpoint again."
+    )
 
 
 def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
@@ -310,7 +381,10 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
             f"enough), or convert it once where torch is installed with `python -m gaml_jax.convert SRC DST` "
             f"and load DST."
         ) from err
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as err:  # torch's errors for a cut-short zip or pickle
+        raise ValueError(_damaged(path, err)) from err
     return {
         name: (t.float() if t.is_floating_point() else t).numpy()
         for name, t in state_dict.items()
@@ -339,40 +413,29 @@ def _hf_source(tensors: Mapping[str, np.ndarray]) -> tuple[dict[tuple, _Tensor],
 def _hf_key(name: str) -> tuple[tuple, bool] | None:
     """``encoder.layer.3.output.dense.weight`` -> ``(("layer_3", "output", "dense", "kernel"), True)``.
 
-    The bool says whether the tensor is a Linear weight, stored transposed as our kernel.
+    The bool says whether the tensor is a Linear weight, stored transposed as our kernel. The HF
+    pooler and classifier are keyed as untied (``("pooler", _UNTIED, ...)``): they fit any exit.
     """
-    parts = name.split(".")
-    if parts[0] == "embeddings":
-        module = ("embeddings", *parts[1:-1])
-    elif parts[:2] == ["encoder", "layer"] and len(parts) > 3 and parts[2].isdigit():
-        module = (f"layer_{parts[2]}", *parts[3:-1])
-    elif parts[0] == "pooler":
-        module = ("pooler", _UNTIED, *parts[1:-1])
-    elif parts[0] == "classifier" and len(parts) == 2:
-        module = ("classifier", _UNTIED)
-    else:
+    parsed = names.from_hf(name)
+    if parsed is None:
         return None
-    leaf, kind = parts[-1], module[-1]
-    if kind == "LayerNorm":
-        ours = {"weight": "scale", "gamma": "scale", "bias": "bias", "beta": "bias"}.get(leaf)
-    elif isinstance(kind, str) and kind.endswith("_embeddings"):
-        ours = "embedding" if leaf == "weight" else None
+    kind, index, inner, leaf, transposed = parsed
+    if kind == "layer":
+        head = (names.layer(index),)
+    elif kind == "embeddings":
+        head = (names.EMBEDDINGS,)
     else:
-        ours = {"weight": "kernel", "bias": "bias"}.get(leaf)
-    return None if ours is None else ((*module, ours), ours == "kernel")
+        head = (kind, _UNTIED)
+    return (*head, *inner, leaf), transposed
 
 
 def _converted_source(config: ModelConfig, params: Params) -> dict[tuple, _Tensor]:
     """Our own params -> source keys, poolers and classifiers keyed by the layer of their exit."""
     source = {}
     for path, value in traverse_util.flatten_dict(params).items():
-        head, rest = path[0], path[1:]
-        if head == "pooler":
-            key = ("pooler", _UNTIED, *rest)
-        elif head.startswith("pooler_"):
-            key = ("pooler", config.exits[int(head.removeprefix("pooler_"))], *rest)
-        elif head.startswith("classifier_"):
-            key = ("classifier", config.exits[int(head.removeprefix("classifier_"))], *rest)
+        kind, index = names.parse(path[0])
+        if names.is_exit_head(path[0]):
+            key = (kind, _UNTIED if index is None else config.exits[index], *path[1:])
         else:
             key = path
         source[key] = _Tensor("/".join(path), np.asarray(value, np.float32), transposed=False)
@@ -381,17 +444,16 @@ def _converted_source(config: ModelConfig, params: Params) -> dict[tuple, _Tenso
 
 def _candidates(config: ModelConfig, path: tuple, pooler_layers: list[int]) -> list[tuple]:
     """Source keys that may fill the parameter at ``path``, best first."""
-    head, rest = path[0], path[1:]
-    if head == "pooler" or head.startswith("pooler_"):
+    (kind, k), rest = names.parse(path[0]), path[1:]
+    if kind == "pooler":
         keys = []
-        if head != "pooler":  # Per-exit: its own layer's pooler first.
-            keys.append(("pooler", config.exits[int(head.removeprefix("pooler_"))], *rest))
+        if k is not None:  # Per-exit: its own layer's pooler first.
+            keys.append(("pooler", config.exits[k], *rest))
         keys.append(("pooler", _UNTIED, *rest))
         if pooler_layers:  # From per-exit poolers: the deepest, which is the one BERT's own pooler was.
             keys.append(("pooler", pooler_layers[-1], *rest))
         return keys
-    if head.startswith("classifier_"):
-        k = int(head.removeprefix("classifier_"))
+    if kind == "classifier":
         keys = [("classifier", config.exits[k], *rest)]
         if k == config.num_exits - 1:
             keys.append(("classifier", _UNTIED, *rest))
@@ -419,7 +481,7 @@ def _assemble(
             if tensor is None:
                 continue
             if tensor.value.shape != leaf.shape:
-                if path[0].startswith("classifier_"):  # Another task's head: start this one fresh.
+                if names.is_classifier(path[0]):  # Another task's head: start this one fresh.
                     notes.append(
                         f"{tensor.name} has shape {_shown(tensor.value.shape, tensor)} but num_labels="
                         f"{config.num_labels} needs {_shown(leaf.shape, tensor)}: "
@@ -440,9 +502,12 @@ def _assemble(
         else:
             used.add(found.name)
             params[path] = found.value.copy()  # A shared source (the HF pooler) may fill several leaves.
-    if any(p.startswith("pooler") for p in missing):
+    if any(names.parse(p.split("/")[0])[0] == "pooler" for p in missing):
         notes.append("the checkpoint has no pooler (pooler.dense): the exit poolers keep their random init.")
     unused = list(unused) + sorted({t.name for t in source.values()} - used)
+    if not config.exit_pooler_dense:  # A model without poolers drops the checkpoint's by design.
+        dropped = [n for n in unused if n.removeprefix("bert.").startswith("pooler")]
+        ignored, unused = [*ignored, *dropped], [n for n in unused if n not in dropped]
     report = LoadReport(name, tuple(unused), tuple(ignored), tuple(missing), tuple(notes))
     return traverse_util.unflatten_dict(params), report
 
@@ -464,12 +529,13 @@ def _initial_value(model: MultiExitBert, seed: int, path: tuple, inits: dict[str
     of BERT-base takes seconds on a CPU, for tensors the checkpoint overwrites. Flax derives each
     parameter's key from its path, so both give the same values.
     """
-    part = "heads" if path[0].startswith(("pooler", "classifier_")) else "all"
+    part = "heads" if names.is_exit_head(path[0]) else "all"
     if part not in inits:
         key = jax.random.key(seed)
         if part == "heads":
             hidden = jnp.zeros((1, 1, model.config.hidden_size), jnp.float32)
-            heads = lambda m, h: [m.exit(k, h) for k in range(m.config.num_exits)]
+            mask = jnp.ones((1, 1), jnp.int32)
+            heads = lambda m, h: [m.exit(k, h, mask) for k in range(m.config.num_exits)]
             inits[part] = model.init(key, hidden, method=heads)["params"]
         else:
             inits[part] = model.init(key, jnp.ones((1, 1), jnp.int32))["params"]
@@ -540,27 +606,40 @@ def save_hf(
     classifier as ``classifier``; the other exits have no place in a single-exit HF model.
     ``transformers.BertForSequenceClassification.from_pretrained(path)`` then gives the deepest
     exit's logits.
+
+    Raises:
+      ValueError: the exits pool otherwise than HF's pooler (dense + tanh on [CLS]), which a
+        ``BertForSequenceClassification`` cannot express.
     """
+    if model_config.exit_pooling != "cls" or not model_config.exit_pooler_dense:
+        how = (
+            f"exit_pooling={model_config.exit_pooling!r}, exit_pooler_dense={model_config.exit_pooler_dense}"
+        )
+        raise ValueError(
+            f"HF BertForSequenceClassification applies dense + tanh to the [CLS] state and cannot express "
+            f"this model's exits ({how}): the export would compute something else. Keep the JAX model "
+            f"(save_converted, python -m gaml_jax.convert), or train with model.exit_pooling=cls and "
+            f"model.exit_pooler_dense=True to export to HF."
+        )
     deepest = model_config.num_exits - 1
     depth = model_config.exits[-1]
-    pooler = "pooler" if model_config.shared_pooler else f"pooler_{deepest}"
+    # What a single-exit HF model holds: the layers up to the deepest exit and that exit's head.
+    exported = {
+        names.EMBEDDINGS,
+        *(names.layer(i) for i in range(depth)),
+        names.pooler(deepest, model_config.shared_pooler),
+        names.classifier(deepest),
+    }
     tensors = {}
     for leaf_path, value in traverse_util.flatten_dict(_checked(model_config, params)).items():
         head, *modules, leaf = leaf_path
-        if head == "embeddings":
-            prefix = "bert.embeddings"
-        elif head.startswith("layer_") and int(head.removeprefix("layer_")) < depth:
-            prefix = f"bert.encoder.layer.{head.removeprefix('layer_')}"
-        elif head == pooler:
-            prefix = "bert.pooler"
-        elif head == f"classifier_{deepest}":
-            prefix = "classifier"
-        else:
+        if head not in exported:
             continue
+        kind, index = names.parse(head)
+        hf_name, transposed = names.to_hf(kind, index if kind == "layer" else None, tuple(modules), leaf)
         value = np.asarray(value, np.float32)
-        tensors[".".join([prefix, *modules, _HF_LEAF[leaf]])] = np.ascontiguousarray(
-            value.T if leaf == "kernel" else value
-        )
+        prefix = "" if kind == "classifier" else "bert."
+        tensors[prefix + hf_name] = np.ascontiguousarray(value.T if transposed else value)
     labels = range(model_config.num_labels)
     hf_config = {
         **model_config.to_hf(),

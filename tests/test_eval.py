@@ -8,11 +8,13 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from gaml_jax import evaluation
+from gaml_jax import evaluation, tasks
+from gaml_jax.config import ModelConfig
 from gaml_jax.early_exit import EarlyExitRunner
 from gaml_jax.trainer import train_and_evaluate
 from tests import tiny
@@ -172,3 +174,46 @@ def test_eval_py_without_a_checkpoint_says_to_train(tmp_path):
     result = _eval("--workdir", tmp_path, "--threshold", 0.5)
     assert result.returncode != 0
     assert "Train one first: python train.py --workdir" in result.stderr
+
+
+class _ReplayRunner:
+    """Stands in for EarlyExitRunner: answers every example at a given exit with given logits."""
+
+    def __init__(self, config, exit_index, logits):
+        self.config, self.exit_index, self.logits = config, exit_index, logits
+
+    def run(self, batch, criterion, threshold):
+        rows = batch["rows"]
+        layers = np.asarray(self.config.exits)[self.exit_index[rows]]
+        return SimpleNamespace(exit_index=self.exit_index[rows], layers_run=layers, logits=self.logits[rows])
+
+
+@pytest.mark.parametrize("num_labels", [1, 3], ids=["regression", "classification"])
+def test_agreement_allows_rounding_in_regression_and_counts_a_real_difference(num_labels):
+    """Early-exit logits that are the full model's at the exit taken up to float32 rounding (the
+    runner and the fused forward are different programs) agree; one changed example does not."""
+    rng = np.random.default_rng(0)
+    config = ModelConfig(**{**tiny.TINY, "num_labels": num_labels})
+    n = 40
+    full = rng.normal(2.5, 1.5, (config.num_exits, n, num_labels)).astype(np.float32)  # [exits, N, labels]
+    exit_index = rng.integers(0, config.num_exits, n)
+    early = full[exit_index, np.arange(n)]
+    early = (early * (1 + 4e-7 * rng.standard_normal(early.shape))).astype(np.float32)  # rounding
+    assert num_labels > 1 or not np.array_equal(early, full[exit_index, np.arange(n)])
+    early[7] = early[7] + 0.5 if num_labels == 1 else np.roll(early[7], 1) * (1 + np.arange(num_labels))
+    assert num_labels == 1 or early[7].argmax() != full[exit_index[7], 7].argmax()
+    task = tasks.GLUE_TASKS["stsb"] if num_labels == 1 else tasks.GLUE_TASKS["mnli"]
+    labels = rng.normal(2.5, 1.5, n) if num_labels == 1 else rng.integers(0, 3, n)
+    batches = [{"rows": rows, "labels": labels[rows]} for rows in np.array_split(np.arange(n), 3)]
+    report = evaluation.run_early_exit(
+        _ReplayRunner(config, exit_index, early),
+        batches,
+        "patience",
+        2,
+        task=task,
+        split="validation",
+        exit_logits=full,
+        measure=False,
+        progress=False,
+    )
+    assert report.agreement == (n - 1) / n

@@ -1,25 +1,21 @@
 """The exported early-exit program against the layer-by-layer runner (EarlyExitRunner) on the
 same padded batches: the same exit layer and prediction for every example, at batch 1 and in a
-batch of mixed lengths, and a loop that stops at the deepest exit taken. The standalone loader
+batch of mixed lengths (padding kept out of mean-pooling exits), and a loop that stops at the
+deepest exit taken. The standalone loader
 runs in a process that cannot import gaml_jax."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gaml_jax import EarlyExitClassifier, runtime
 from gaml_jax import export as export_lib
-from gaml_jax.config import ModelConfig
-from gaml_jax.model import MultiExitBert
 from tests import tiny_run
 
 
@@ -46,14 +42,24 @@ def _entropy_midpoint(classifier, batch):
     return float(scores[len(scores) // 2 - 1 : len(scores) // 2 + 1].mean())
 
 
-@pytest.mark.parametrize("criterion", ["entropy", "patience"])
-def test_exported_program_equals_the_runner(run, texts, tmp_path, criterion):
-    classifier = EarlyExitClassifier.from_workdir(run, criterion=criterion, threshold=1)
+@pytest.fixture(scope="module")
+def mean_run(tiny_assets, tmp_path_factory):
+    """The tiny run with mean-pooling exits (the masked mean of the real tokens)."""
+    return tiny_run.make_workdir(
+        tmp_path_factory.mktemp("export") / "mean", *tiny_assets, exit_pooling="mean"
+    )
+
+
+@pytest.mark.parametrize("criterion, pooling", [("entropy", "cls"), ("patience", "cls"), ("entropy", "mean")])
+def test_exported_program_equals_the_runner(run, mean_run, texts, tmp_path, criterion, pooling):
+    workdir = {"cls": run, "mean": mean_run}[pooling]
+    classifier = EarlyExitClassifier.from_workdir(workdir, criterion=criterion, threshold=1)
+    assert classifier.config.exit_pooling == pooling
     tokens = _tokens(classifier, texts)
     mixed = runtime.pad_batch(tokens, range(len(texts)), 16, classifier.pad_id)  # lengths 4..12, padded
     threshold = _entropy_midpoint(classifier, mixed) if criterion == "entropy" else 1
     classifier.threshold = threshold
-    exported = export_lib.load(export_lib.export_classifier(classifier, tmp_path / criterion))
+    exported = export_lib.load(export_lib.export_classifier(classifier, tmp_path / f"{criterion}-{pooling}"))
     assert exported.threshold == threshold
 
     expected = classifier.runner.run(mixed, criterion, threshold)
@@ -123,26 +129,6 @@ def test_loader_runs_without_the_training_code(run, texts, tmp_path):
     expected = classifier.predict(texts[:8])
     assert [r["exit_layer"] for r in answer["records"]] == [p.exit_layer for p in expected]
     assert [r["label"] for r in answer["records"]] == [p.label for p in expected]
-
-
-def test_mean_pooling_exit_equals_the_numpy_formula():
-    @dataclasses.dataclass(frozen=True)
-    class MeanConfig(ModelConfig):
-        exit_pooling: str = "mean"
-
-    config = MeanConfig(**{**tiny_run.tiny.TINY, "num_hidden_layers": 2})
-    model = MultiExitBert(config)
-    params = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
-    exit_params = {"pooler": params["pooler"], "classifier_0": params["classifier_1"]}
-    rng = np.random.default_rng(0)
-    hidden = rng.normal(size=(3, 7, config.hidden_size)).astype(np.float32)
-    mask = (np.arange(7)[None, :] < np.asarray([[7], [4], [1]])).astype(np.int32)
-    got = export_lib.exit_logits(model, exit_params, hidden, mask)
-    mean = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
-    dense, classifier = params["pooler"]["dense"], params["classifier_1"]
-    pooled = np.tanh(mean @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"]))
-    expected = pooled @ np.asarray(classifier["kernel"]) + np.asarray(classifier["bias"])
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
 def test_export_command(run, tmp_path, capsys):

@@ -165,15 +165,16 @@ def test_hidden_states_match_torch(case):
 
 
 def test_each_exit_pooler_matches_torch_pooler(case):
-    model, params = load_pretrained(case.folder)
+    model, params = load_pretrained(case.folder, exit_pooling="cls")
     for k, layer in enumerate(model.config.exits):
         hidden = jnp.asarray(case.hidden_states[layer])
-        pooled = model.apply({"params": params}, k, hidden, method=MultiExitBert.pool)
+        mask = case.batch["attention_mask"]
+        pooled = model.apply({"params": params}, k, hidden, mask, method=MultiExitBert.pool)
         np.testing.assert_allclose(pooled, _torch_pooled(case, layer), rtol=0, atol=F32_TOL)
 
 
 def test_exit_logits_match_numpy_reference(case):
-    model, params = load_pretrained(case.folder)
+    model, params = load_pretrained(case.folder, exit_pooling="cls")
     params = _random_classifiers(params, model.config, seed=1)
     logits = np.asarray(_apply(model, params, case.batch).logits)
     assert logits.shape == (model.config.num_exits, len(case.batch["input_ids"]), model.config.num_labels)
@@ -191,7 +192,7 @@ def test_layer_by_layer_path_gives_call_logits(tiny):
     stepwise = []
     for i in range(model.config.num_hidden_layers):  # An exit after every layer: exit i reads layer i.
         hidden = model.apply(variables, i, hidden, batch["attention_mask"], method=MultiExitBert.layer)
-        stepwise.append(model.apply(variables, i, hidden, method=MultiExitBert.exit))
+        stepwise.append(model.apply(variables, i, hidden, batch["attention_mask"], method=MultiExitBert.exit))
     # Both paths eager, so the same float32 operations in the same order.
     logits = model.apply(
         variables, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
@@ -239,3 +240,48 @@ def test_bfloat16_compute_keeps_float32_params_and_stays_close(tiny):
         errors.append(_masked_max_error(ours, theirs, tiny.batch["attention_mask"]) / scale)
     print(f"\nbfloat16: max abs error / max |activation| per hidden state: {errors}")
     assert max(errors) < BF16_REL_TOL, errors
+
+
+def _numpy_mean_exit(case: Case, layer: int, classifier, dense: bool) -> np.ndarray:
+    """Mean over the real tokens of torch's layer output, torch's pooler (if any), the classifier."""
+    mask = case.batch["attention_mask"][:, :, None].astype(np.float64)
+    pooled = (case.hidden_states[layer] * mask).sum(axis=1) / mask.sum(axis=1)
+    if dense:
+        with torch.no_grad():
+            pooled = torch.tanh(case.torch_model.pooler.dense(torch.from_numpy(pooled.astype(np.float32))))
+        pooled = pooled.numpy()
+    return pooled @ classifier["kernel"] + classifier["bias"]
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["pooler", "no-pooler"])
+def test_mean_pooled_exits_match_numpy_on_padded_batches(case, dense):
+    # Rows of mixed lengths, so the mean must leave each row's padding out.
+    assert len(set(case.batch["attention_mask"].sum(axis=1))) > 1
+    model, params = load_pretrained(case.folder, exit_pooling="mean", exit_pooler_dense=dense)
+    assert ("pooler" in params) == dense
+    params = _random_classifiers(params, model.config, seed=5)
+    logits = np.asarray(_apply(model, params, case.batch).logits)
+    for k, layer in enumerate(model.config.exits):
+        expected = _numpy_mean_exit(case, layer, params[f"classifier_{k}"], dense)
+        np.testing.assert_allclose(logits[k], expected, rtol=0, atol=F32_TOL)
+
+
+def test_padding_never_changes_mean_pooled_exits(tiny):
+    model, params = load_pretrained(tiny.folder, exit_pooling="mean")
+    params = _random_classifiers(params, model.config, seed=6)
+    batch = tiny.batch
+    # Five more padding positions holding random tokens: only the mask says they are padding.
+    rng = np.random.default_rng(7)
+    n, extra = len(batch["input_ids"]), 5
+    wider = {
+        "input_ids": np.concatenate(
+            [batch["input_ids"], rng.integers(5, TINY["vocab_size"], (n, extra)).astype(np.int32)], axis=1
+        ),
+        "token_type_ids": np.pad(batch["token_type_ids"], ((0, 0), (0, extra)), constant_values=1),
+        "attention_mask": np.pad(batch["attention_mask"], ((0, 0), (0, extra))),
+    }
+    for row in range(n):  # and the tokens already in the padding, redrawn
+        pad = batch["attention_mask"][row] == 0
+        wider["input_ids"][row, : batch["input_ids"].shape[1]][pad] = rng.integers(5, 99, pad.sum())
+    logits = np.asarray(_apply(model, params, batch).logits)
+    np.testing.assert_allclose(np.asarray(_apply(model, params, wider).logits), logits, rtol=0, atol=1e-5)

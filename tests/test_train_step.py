@@ -2,12 +2,15 @@
 against one device on the same global batch."""
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from gaml_jax.alignment import gradient_alignment
 from gaml_jax.config import ModelConfig
 from gaml_jax.losses import ce_loss, exit_weights, mutual_learning_loss
 from gaml_jax.model import MultiExitBert
@@ -22,6 +25,7 @@ from gaml_jax.train_step import (
     shard_map_step,
     split_for_pmap,
     train_step,
+    uses_kd,
 )
 
 # No dropout: N devices draw other dropout masks than one device does, by design.
@@ -114,7 +118,7 @@ def test_step_matches_separate_grads_and_numpy_projection(method, param_seed, ba
 
     tx = make_optimizer(method=method, **OPT)
     state = create_train_state(params, tx)
-    step = jax.jit(functools.partial(train_step, model=model, tx=tx, method=method, temperature=2.0))
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, temperature=2.0))
     new_state, metrics = step(state, {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(0))
     np.testing.assert_allclose(_flat(new_state.params), _flat(expected), atol=1e-6)
     assert int(new_state.step) == 1
@@ -138,7 +142,7 @@ def test_vjp_and_grad_modes_agree():
 def _run_one_device(config, params, model, batches, method):
     tx = make_optimizer(method=method, **OPT)
     state = create_train_state(params, tx)
-    step = jax.jit(functools.partial(train_step, model=model, tx=tx, method=method))
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx))
     metrics = []
     for b in batches:
         state, m = step(state, {k: jnp.asarray(v) for k, v in b.items()}, jax.random.key(3))
@@ -158,10 +162,12 @@ def test_eight_devices_match_one_device(method, regression):
     tx = make_optimizer(method=method, **OPT)
     mesh = data_mesh()
     state = replicate(create_train_state(params, tx), mesh)
-    step = shard_map_step(functools.partial(train_step, model=model, tx=tx, method=method), mesh)
+    step = shard_map_step(functools.partial(train_step, model=model, tx=tx), mesh)
     for i, b in enumerate(batches):
         state, m = step(state, shard_batch(b, mesh), jax.random.key(3))
         np.testing.assert_allclose(float(m["ce"]), float(one_metrics[i]["ce"]), rtol=1e-5)
+        # AdamW and clipping hide a global scale of the gradients: compare their norm as well.
+        np.testing.assert_allclose(float(m["grad_norm_ce"]), float(one_metrics[i]["grad_norm_ce"]), rtol=1e-5)
         np.testing.assert_allclose(float(m["kd"]), float(one_metrics[i]["kd"]), rtol=1e-5, atol=1e-7)
     # AdamW divides by sqrt(v): rounding in near-zero gradients is amplified (STACK.md), hence 1e-4.
     np.testing.assert_allclose(_flat(state.params), _flat(one.params), atol=1e-4)
@@ -182,3 +188,74 @@ def test_pmap_matches_one_device():
     for flat in per_device[1:]:
         np.testing.assert_array_equal(flat, per_device[0])  # replicas never drift apart
     np.testing.assert_allclose(per_device[0], _flat(one.params), atol=1e-4)
+
+
+class RecordedGrads(NamedTuple):
+    ce_grads: Any
+    kd_grads: Any
+
+
+def record_grads() -> optax.GradientTransformationExtraArgs:
+    """Keeps the step's CE and KD gradients (as the optimizer receives them) in its state."""
+
+    def init_fn(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return RecordedGrads(zeros, zeros)
+
+    def update_fn(updates, state, params=None, *, kd_grads, **extra_args):
+        del state, params, extra_args
+        return updates, RecordedGrads(updates, kd_grads)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+@pytest.mark.parametrize("form", ["shard_map", "pmap"])
+def test_devices_compute_the_one_device_gradients_and_sgd_steps(form):
+    """Plain SGD without clipping shows any scale error of the gradients (AdamW and clipping hide
+    a global one): 8 devices must give the CE and KD gradients of 1 device, and its parameters."""
+    model, params = init_params()
+    batches = [make_batch(30 + i) for i in range(3)]
+    tx = optax.chain(record_grads(), gradient_alignment(OPT["kd_weight"]), optax.sgd(0.5))
+    fn = functools.partial(train_step, model=model, tx=tx)
+
+    one_step = jax.jit(fn)
+    one = create_train_state(params, tx)
+    expected = []
+    for b in batches:
+        one, m = one_step(one, {k: jnp.asarray(v) for k, v in b.items()}, jax.random.key(3))
+        expected.append((float(m["grad_norm_ce"]), jax.device_get(one.opt_state[0])))
+
+    if form == "shard_map":
+        mesh = data_mesh()
+        state = replicate(create_train_state(params, tx), mesh)
+        step = shard_map_step(fn, mesh)
+        put, first = (lambda b: shard_batch(b, mesh)), (lambda tree: tree)
+    else:
+        n = jax.local_device_count()
+        state = pmap_replicate(create_train_state(params, tx), n)
+        step = pmap_step(fn)
+        put, first = (lambda b: split_for_pmap(b, n)), (lambda tree: jax.tree.map(lambda x: x[0], tree))
+    for b, (grad_norm, recorded) in zip(batches, expected, strict=True):
+        state, m = step(state, put(b), jax.random.key(3))
+        np.testing.assert_allclose(float(first(m)["grad_norm_ce"]), grad_norm, rtol=1e-6)
+        got = jax.device_get(first(state.opt_state[0]))
+        np.testing.assert_allclose(_flat(got.ce_grads), _flat(recorded.ce_grads), atol=1e-6)
+        np.testing.assert_allclose(_flat(got.kd_grads), _flat(recorded.kd_grads), atol=1e-6)
+    np.testing.assert_allclose(_flat(first(state.params)), _flat(one.params), atol=1e-6)
+    assert np.abs(_flat(one.params) - _flat(params)).max() > 1e-2  # SGD really moved them
+
+
+@pytest.mark.parametrize("method", ["ce", "ml", "gaml"])
+def test_the_optimizer_alone_decides_whether_kd_is_computed(method):
+    """The step takes no method of its own: a CE-only optimizer gets no KD gradient computed (the
+    KD loss is not even evaluated), an ml/gaml one gets it, with the alignment diagnostics."""
+    model, params = init_params()
+    tx = make_optimizer(method=method, **OPT)
+    state = create_train_state(params, tx)
+    assert uses_kd(state.opt_state) == (method != "ce")
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx))
+    _, metrics = step(state, {k: jnp.asarray(v) for k, v in make_batch(4).items()}, jax.random.key(0))
+    if method == "ce":
+        assert float(metrics["kd"]) == 0.0 and "grad_cosine" not in metrics
+    else:
+        assert float(metrics["kd"]) > 0.0 and "grad_cosine" in metrics

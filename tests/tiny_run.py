@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from gaml_jax import data as data_lib
+from gaml_jax import names
 from gaml_jax.checkpoints import Checkpointer, write_run_metadata
 from gaml_jax.weights import load_pretrained, load_tokenizer
 from tests import tiny
@@ -43,22 +44,29 @@ def make_pair_task(folder: Path, num_rows: int = 24, seed: int = 1) -> tuple[Pat
 
 
 def make_workdir(
-    workdir: Path, checkpoint: Path, train_file: Path, dev_file: Path, *, pair: bool = False
+    workdir: Path,
+    checkpoint: Path,
+    train_file: Path,
+    dev_file: Path,
+    *,
+    pair: bool = False,
+    **model_overrides,
 ) -> Path:
-    """A workdir holding the tiny model (exit classifiers redrawn) at step 6, best by score."""
+    """A workdir holding the tiny model (exit classifiers redrawn) at step 6, best by score;
+    ``model_overrides`` are ``ModelConfig`` fields (e.g. ``exit_pooling="mean"``)."""
     config = tiny.train_config(checkpoint, train_file, dev_file)
     if pair:
         config.data.text_columns = ("first", "second")
     tokenizer = load_tokenizer(checkpoint)
     task, splits = data_lib.load_task(config.data, tokenizer)
-    model, params = load_pretrained(checkpoint, num_labels=task.num_labels)
+    model, params = load_pretrained(checkpoint, num_labels=task.num_labels, **model_overrides)
     params = jax.tree.map(np.asarray, params)
     # Exit classifiers redrawn so that every exit's prediction and confidence vary with the input
     # (the [CLS] state of a random BERT barely does): scaled to a logit spread of about 2 over the
     # dev examples, and centred on them.
     rng = np.random.default_rng(3)
     for k in range(model.config.num_exits):
-        classifier = params[f"classifier_{k}"]
+        classifier = params[names.classifier(k)]
         classifier["kernel"] = rng.normal(0, 1, classifier["kernel"].shape).astype(np.float32)
         classifier["bias"] = np.zeros_like(classifier["bias"])
     split = splits[task.eval_splits[0]]
@@ -73,8 +81,8 @@ def make_workdir(
     )  # [exits, N, labels], with zero biases
     for k in range(model.config.num_exits):
         scale = 2.0 / (logits[k] - logits[k].mean(0)).std()  # spread across examples
-        params[f"classifier_{k}"]["kernel"] *= scale
-        params[f"classifier_{k}"]["bias"] = -scale * logits[k].mean(0)
+        params[names.classifier(k)]["kernel"] *= scale
+        params[names.classifier(k)]["bias"] = -scale * logits[k].mean(0)
     write_run_metadata(
         workdir, model_config=model.config, task=task, run_config=config.to_dict(), tokenizer=tokenizer
     )
