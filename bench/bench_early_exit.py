@@ -34,6 +34,7 @@ import numpy as np
 
 from gaml_jax.config import ModelConfig
 from gaml_jax.early_exit import (
+    DEFAULT_REGRESSION_TOLERANCE,
     EarlyExitRunner,
     check_criterion,
     exit_counts,
@@ -129,7 +130,7 @@ class TorchEarlyExit:
             prefix = prefix.replace("bert.layer_", "bert.encoder.layer.")
             value = np.asarray(value).T if leaf == "kernel" else np.asarray(value)
             leaf = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
-            state[".".join([prefix, *mid, leaf])] = torch.from_numpy(np.ascontiguousarray(value))
+            state[".".join([prefix, *mid, leaf])] = torch.from_numpy(np.array(value))
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected or any(not k.endswith("_ids") for k in missing):  # buffers only may be missing
             raise RuntimeError(f"weight mapping: missing {missing}, unexpected {unexpected}")
@@ -163,7 +164,7 @@ class TorchEarlyExit:
                 if k == cfg.num_exits - 1:
                     exits = np.ones(len(running), bool)
                 else:
-                    exits, state = crit.step(logits, threshold, state)
+                    exits, state = crit.step(logits, threshold, state, tolerance=DEFAULT_REGRESSION_TOLERANCE)
                 exit_index[running[exits]] = k
                 if exits.all():
                     break

@@ -40,6 +40,6 @@ if [[ $mode == gpu ]]; then
   run "$PYTHON" -m bench.bench_early_exit --shapes=bert-base --seq-len 128 --examples 256 --dtype bfloat16 --torch
 else
   export JAX_PLATFORMS=cpu
-  run "$PYTHON" bench/bench_vs_torch.py --quick --batch 4 --seq 16 --repeats 1 --dtype bfloat16
+  run "$PYTHON" bench/bench_vs_torch.py --quick --batch 4 --seq 16 --repeats 1 --dtype bfloat16 --no-forward
   run "$PYTHON" -m bench.bench_early_exit --quick --examples 8 --seq-len 16 --batch-sizes 1,4 --repeats 1 --torch
 fi

@@ -158,10 +158,8 @@ def train_step(
     elif grad_mode == "vjp":
         (ce, kd), pull_back, exit_logits = jax.vjp(forward, state.params, has_aux=True)
         one, zero = jnp.ones_like(ce), jnp.zeros_like(ce)  # same type as the loss (varying under shard_map)
-        # Both pull-backs as one pass over a batch of two cotangents: each matrix product of the
-        # backward multiplies twice the rows by the same weights, which runs faster than twice.
-        (grads,) = jax.vmap(pull_back)((jnp.stack([one, zero]), jnp.stack([zero, one])))
-        ce_grads, kd_grads = jax.tree.map(lambda g: g[0], grads), jax.tree.map(lambda g: g[1], grads)
+        (ce_grads,) = pull_back((one, zero))
+        (kd_grads,) = pull_back((zero, one))
     else:  # Two independent jax.grad calls, as the design card writes it.
         (ce, exit_logits), ce_grads = jax.value_and_grad(
             lambda p: (lambda out: (out[0][0], out[1]))(forward(p)), has_aux=True

@@ -184,9 +184,9 @@ def test_pmap_matches_one_device():
     np.testing.assert_allclose(per_device[0], _flat(one.params), atol=1e-4)
 
 
-def test_batched_pull_backs_give_the_gradients_of_two_grad_calls_under_dropout():
-    # The vjp mode pulls both cotangents back in one vmapped pass; under dropout both must still
-    # see the forward's masks. Reference: two independent jax.grad calls (grad mode) with the same
+def test_vjp_pull_backs_give_the_gradients_of_two_grad_calls_under_dropout():
+    # The vjp mode pulls both cotangents back through one forward; under dropout both must see
+    # the forward's masks. Reference: two independent jax.grad calls (grad mode) with the same
     # key. A first link records the CE and KD gradients the chain receives; GA follows as usual.
     import optax
 
