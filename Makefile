@@ -37,10 +37,13 @@ test: setup-test
 lint: setup-test
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# The quick forms of the benchmarks (a few minutes on 2 cores); bench/gpu.sh is the GPU run.
 bench: setup-test
 	$(BIN)/python bench/bench_step.py --quick
 	$(BIN)/python -m bench.bench_early_exit --quick
 	$(BIN)/python -m bench.bench_serving
+	$(BIN)/python bench/bench_vs_torch.py --quick
+	$(BIN)/python bench/bench_compile.py --variants --quick
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache gaml_jax.egg-info

@@ -46,6 +46,9 @@ flags.DEFINE_bool(
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    from gaml_jax.compilation import enable_compilation_cache
+
+    enable_compilation_cache()  # ~/.cache/gaml_jax/xla, or $JAX_COMPILATION_CACHE_DIR
     try:
         if FLAGS.sweep:
             sweep()

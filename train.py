@@ -134,7 +134,10 @@ def train() -> None:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
 
+    from gaml_jax.compilation import enable_compilation_cache
     from gaml_jax.trainer import train_and_evaluate
+
+    enable_compilation_cache()  # ~/.cache/gaml_jax/xla, or $JAX_COMPILATION_CACHE_DIR
 
     train_and_evaluate(FLAGS.config, FLAGS.workdir, extend=FLAGS.extend)
 

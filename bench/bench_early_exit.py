@@ -14,22 +14,32 @@ the fastest early-exit pass.
 
     python -m bench.bench_early_exit --quick
     python -m bench.bench_early_exit --shapes=minilm,bert-base
+    python -m bench.bench_early_exit --quick --torch     # + PyTorch's early exit, same weights
+    python -m bench.bench_early_exit --shapes=bert-base --dtype bfloat16 --torch   # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import platform
 import statistics
 import time
 
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gaml_jax.config import ModelConfig
-from gaml_jax.criteria import exit_counts, find_threshold, speedup_layers
+from gaml_jax.criteria import (
+    DEFAULT_REGRESSION_TOLERANCE,
+    check_criterion,
+    exit_counts,
+    find_threshold,
+    speedup_layers,
+)
 from gaml_jax.early_exit import EarlyExitRunner
 from gaml_jax.model import MultiExitBert
 
@@ -99,8 +109,109 @@ def time_pass(fn, data, batch_size) -> float:
     return time.perf_counter() - start
 
 
+class TorchEarlyExit:
+    """The PyTorch reference of the same early exit (``--torch``), with the same weights.
+
+    HF ``BertModel``'s layers run one by one (the multi-exit model of ``bench_vs_torch``); at each
+    exit the logits come to the host, the same criterion decides, and finished rows leave the
+    batch (``index_select``). Its all-layers pass is the model's own forward.
+    """
+
+    def __init__(self, cfg: ModelConfig, params: dict, dtype: str):
+        import torch
+
+        from bench.bench_vs_torch import TorchSide, torch_model
+
+        self.torch, self.cfg, self.side = torch, cfg, TorchSide(dtype)
+        self.model = torch_model(cfg).eval()
+        state = {}
+        for path, value in flax.traverse_util.flatten_dict(params).items():
+            head, *mid, leaf = path
+            prefix = f"exits.{head.split('_')[1]}" if head.startswith("classifier_") else f"bert.{head}"
+            prefix = prefix.replace("bert.layer_", "bert.encoder.layer.")
+            value = np.asarray(value).T if leaf == "kernel" else np.asarray(value)
+            leaf = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
+            state[".".join([prefix, *mid, leaf])] = torch.from_numpy(np.array(value))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or any(not k.endswith("_ids") for k in missing):  # buffers only may be missing
+            raise RuntimeError(f"weight mapping: missing {missing}, unexpected {unexpected}")
+        self.model.to(self.side.device)
+        self._exit_of_layer = {layer - 1: k for k, layer in enumerate(cfg.exits)}
+
+    def full(self, batch) -> np.ndarray:
+        b = self.side.batch(batch)
+        with self.torch.inference_mode(), self.side.autocast():
+            logits = self.model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        return logits.float().cpu().numpy()  # [exits, batch, labels]; the host sync
+
+    def run(self, batch, criterion: str, threshold) -> np.ndarray:
+        """Early exit; returns the layers run per example."""
+        torch, cfg, bert = self.torch, self.cfg, self.model.bert
+        crit, threshold = check_criterion(criterion, threshold, cfg.num_labels)
+        b = self.side.batch(batch)
+        n = b["input_ids"].shape[0]
+        exit_index, running, state = np.zeros(n, np.int64), np.arange(n), None
+        with torch.inference_mode(), self.side.autocast():
+            hidden = bert.embeddings(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"])
+            # Additive mask, representable in bfloat16 and float32 alike.
+            mask = (1.0 - b["attention_mask"][:, None, None, :].float()) * torch.finfo(torch.bfloat16).min
+            for i, layer in enumerate(bert.encoder.layer):
+                out = layer(hidden, attention_mask=mask.to(hidden.dtype))
+                hidden = out[0] if isinstance(out, tuple) else out
+                k = self._exit_of_layer.get(i)
+                if k is None:
+                    continue
+                logits = self.model.exits[k](bert.pooler(hidden)).float().cpu().numpy()
+                if k == cfg.num_exits - 1:
+                    exits = np.ones(len(running), bool)
+                else:
+                    exits, state = crit.step(logits, threshold, state, tolerance=DEFAULT_REGRESSION_TOLERANCE)
+                exit_index[running[exits]] = k
+                if exits.all():
+                    break
+                stay = ~exits
+                running = running[stay]
+                state = jax.tree.map(lambda a, keep=stay: a[keep], state)
+                keep = torch.from_numpy(np.flatnonzero(stay)).to(self.side.device)
+                hidden, mask = hidden.index_select(0, keep), mask.index_select(0, keep)
+        return np.asarray(cfg.exits)[exit_index]
+
+
+def measure(label: str, cfg, data, args, full_passes: dict, early_run, num_examples: int) -> list[tuple]:
+    """Alternating timed passes: all layers (the faster of ``full_passes``) against early exit."""
+    results = []
+    for batch_size in args.batch_sizes:
+        layers_run = []
+        early = lambda batch, out=layers_run: out.append(early_run(batch))
+        for fn in (*full_passes.values(), early):  # warm-up: compiles every shape met
+            time_pass(fn, data, batch_size)
+        full_times, early_times, wins = [], [], collections.Counter()
+        for _ in range(args.repeats):  # pairs of passes, so that a burst of load hits one pair
+            passes = {name: time_pass(fn, data, batch_size) for name, fn in full_passes.items()}
+            full_times.append(min(passes.values()))
+            wins[min(passes, key=passes.get)] += 1
+            layers_run.clear()
+            early_times.append(time_pass(early, data, batch_size))
+        layers_run = np.concatenate(layers_run)
+        exit_index = np.searchsorted(cfg.exits, layers_run)
+        layer_speedup = speedup_layers(layers_run, cfg.num_hidden_layers)
+        clock_speedup = statistics.median(f / e for f, e in zip(full_times, early_times, strict=True))
+        best_speedup = min(full_times) / min(early_times)
+        ratio, best_ratio = clock_speedup / layer_speedup, best_speedup / layer_speedup
+        full_ms, early_ms = (1e3 * statistics.median(t) / num_examples for t in (full_times, early_times))
+        print(
+            f"  {label} batch {batch_size:3d}: full {full_ms:7.2f} ms/ex, early exit {early_ms:7.2f} ms/ex | "
+            f"layer {layer_speedup:.3f}x  clock {clock_speedup:.3f}x (best-of {best_speedup:.3f}x)  "
+            f"clock/layer {ratio:.3f} (best-of {best_ratio:.3f})"
+            f" | exits per exit {exit_counts(exit_index, cfg.num_exits).tolist()}"
+            f" | faster all-layers pass: {dict(wins)}"
+        )
+        results.append((label, batch_size, layer_speedup, clock_speedup, ratio, best_ratio))
+    return results
+
+
 def bench_shape(name: str, args) -> list[tuple]:
-    cfg = ModelConfig(**SHAPES[name])
+    cfg = ModelConfig(**SHAPES[name], dtype=args.dtype)
     model = MultiExitBert(cfg)
     num_examples = args.examples or (32 if args.quick else {"minilm": 128, "bert-base": 48}[name])
     data = make_inputs(num_examples, args.seq_len, cfg.vocab_size, args.seed)
@@ -112,46 +223,29 @@ def bench_shape(name: str, args) -> list[tuple]:
     threshold = find_threshold(exit_logits, args.criterion, args.target, cfg.num_hidden_layers, cfg.exits)
     print(
         f"\n{name}: {cfg.num_hidden_layers} layers x {cfg.hidden_size}, {num_examples} examples x "
-        f"{args.seq_len} tokens, {args.criterion} threshold {threshold:.6g} (simulated {args.target}x)"
+        f"{args.seq_len} tokens, {args.dtype}, {args.criterion} threshold {threshold:.6g} "
+        f"(simulated {args.target}x)"
     )
-
     # Two all-layers baselines; the faster of each pair counts: the fused forward (the deepest
     # exit's answer, on the host), and the layer-by-layer runner whose exits never fire.
-    fused = lambda batch: np.asarray(runner.full_forward(batch)[-1])
-    layerwise = lambda batch: runner.run(batch, "patience", 10**9)
-    results = []
-    for batch_size in args.batch_sizes:
-        layers_run = []
-        early = lambda batch, out=layers_run: out.append(
-            runner.run(batch, args.criterion, threshold).layers_run
-        )
-        for fn in (fused, layerwise, early):  # warm-up: compiles every shape met
-            time_pass(fn, data, batch_size)
-        full_times, early_times, fused_wins = [], [], 0
-        for _ in range(args.repeats):  # pairs of passes, so that a burst of load hits one pair
-            fused_time, layerwise_time = (
-                time_pass(fused, data, batch_size),
-                time_pass(layerwise, data, batch_size),
-            )
-            full_times.append(min(fused_time, layerwise_time))
-            fused_wins += fused_time <= layerwise_time
-            layers_run.clear()
-            early_times.append(time_pass(early, data, batch_size))
-        layers_run = np.concatenate(layers_run)
-        exit_index = np.searchsorted(cfg.exits, layers_run)
-        layer_speedup = speedup_layers(layers_run, cfg.num_hidden_layers)
-        clock_speedup = statistics.median(f / e for f, e in zip(full_times, early_times, strict=True))
-        best_speedup = min(full_times) / min(early_times)
-        ratio, best_ratio = clock_speedup / layer_speedup, best_speedup / layer_speedup
+    full_passes = {
+        "fused": lambda batch: np.asarray(runner.full_forward(batch)[-1]),
+        "layerwise": lambda batch: runner.run(batch, "patience", 10**9),
+    }
+    early = lambda batch: runner.run(batch, args.criterion, threshold).layers_run
+    results = measure(name, cfg, data, args, full_passes, early, num_examples)
+    if args.torch:
+        reference = TorchEarlyExit(cfg, params, args.dtype)
+        torch_logits = np.concatenate([reference.full(b) for b in batches(data, 32)], axis=1)
         print(
-            f"  batch {batch_size:3d}: full {1e3 * statistics.median(full_times) / num_examples:7.2f} ms/ex, "
-            f"early exit {1e3 * statistics.median(early_times) / num_examples:7.2f} ms/ex | "
-            f"layer {layer_speedup:.3f}x  clock {clock_speedup:.3f}x (best-of {best_speedup:.3f}x)  "
-            f"clock/layer {ratio:.3f} (best-of {best_ratio:.3f})"
-            f" | exits per exit {exit_counts(exit_index, cfg.num_exits).tolist()}"
-            f" | faster all-layers pass: fused {fused_wins}/{args.repeats}"
+            f"  torch, same weights: max |exit logits - ours| {np.abs(torch_logits - exit_logits).max():.2e}"
         )
-        results.append((name, batch_size, layer_speedup, clock_speedup, ratio, best_ratio))
+        full_passes = {
+            "fused": lambda batch: reference.full(batch)[-1],
+            "layerwise": lambda batch: reference.run(batch, "patience", 10**9),
+        }
+        early = lambda batch: reference.run(batch, args.criterion, threshold)
+        results += measure(f"{name}/torch", cfg, data, args, full_passes, early, num_examples)
     return results
 
 
@@ -169,6 +263,8 @@ def main():
     parser.add_argument("--target", type=float, default=2.0, help="Layer speed-up the threshold aims at.")
     parser.add_argument("--repeats", type=int, default=None, help="Timed pairs of passes (default 5).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Compute dtype.")
+    parser.add_argument("--torch", action="store_true", help="Also PyTorch's early exit, same weights.")
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     shapes = args.shapes.split(",") if args.shapes else (["minilm"] if args.quick else list(SHAPES))
@@ -180,10 +276,10 @@ def main():
         f"host {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
     )
     results = [r for name in shapes for r in bench_shape(name, args)]
-    print("\nshape       batch  layer x  clock x  clock/layer  best-of  target")
+    print("\nshape            batch  layer x  clock x  clock/layer  best-of  target")
     for name, batch_size, layer, clock, ratio, best_ratio in results:
         target = TARGET_RATIO.get(batch_size, "-")
-        row = f"{name:10s} {batch_size:6d}  {layer:7.3f}  {clock:7.3f}  {ratio:11.3f}  {best_ratio:7.3f}"
+        row = f"{name:16s} {batch_size:6d}  {layer:7.3f}  {clock:7.3f}  {ratio:11.3f}  {best_ratio:7.3f}"
         print(f"{row}  >= {target}")
 
 

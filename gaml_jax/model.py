@@ -87,6 +87,14 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
+    """Multi-head self-attention; the heads stay in [batch, seq, heads, head_dim] throughout.
+
+    Without attention dropout (inference, or a rate of 0) it is ``jax.nn.dot_product_attention``:
+    cuDNN's fused (flash) attention on a CUDA GPU under bfloat16/float16 compute, XLA's form
+    elsewhere. That function cannot drop attention probabilities, so training with
+    ``attention_probs_dropout_prob > 0`` takes the explicit path: the same maths, then dropout.
+    """
+
     config: ModelConfig
 
     @nn.compact
@@ -94,19 +102,36 @@ class BertSelfAttention(nn.Module):
         cfg = self.config
         heads = cfg.num_attention_heads
         head_dim = cfg.hidden_size // heads
+        shape = hidden.shape[:2] + (heads, head_dim)  # [batch, seq, heads, head_dim]
+        q, k, v = (
+            _dense(cfg, cfg.hidden_size, name)(hidden).reshape(shape) for name in ("query", "key", "value")
+        )
+        rate = cfg.attention_probs_dropout_prob
+        if deterministic or rate == 0.0:
+            context = self._fused(q, k, v, bias)
+        else:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype) + bias
+            # Softmax in float32 even under bf16 compute: masked keys carry finfo.min.
+            probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(cfg.compute_dtype)
+            probs = nn.Dropout(rate)(probs, deterministic=False)
+            context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return context.reshape(hidden.shape[:2] + (cfg.hidden_size,))
 
-        def split(x: Array) -> Array:  # [batch, seq, hidden] -> [batch, heads, seq, head_dim]
-            return x.reshape(x.shape[:2] + (heads, head_dim)).transpose(0, 2, 1, 3)
+    @staticmethod
+    def _fused(q: Array, k: Array, v: Array, bias: Array) -> Array:
+        """``jax.nn.dot_product_attention``, asking for cuDNN where it may run (it must be named).
 
-        q = split(_dense(cfg, cfg.hidden_size, "query")(hidden))
-        k = split(_dense(cfg, cfg.hidden_size, "key")(hidden))
-        v = split(_dense(cfg, cfg.hidden_size, "value")(hidden))
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype) + bias
-        # Softmax in float32 even under bf16 compute: masked keys carry finfo.min.
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(cfg.compute_dtype)
-        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        context = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-        return context.transpose(0, 2, 1, 3).reshape(hidden.shape[:2] + (cfg.hidden_size,))
+        XLA's form computes the float32 softmax as above. cuDNN wants 16-bit inputs and a bias
+        spelled out over the query axis; shapes it refuses (it says so while tracing) go to XLA.
+        """
+        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+            batch, seq = q.shape[:2]
+            try:
+                full_bias = jnp.broadcast_to(bias, (batch, 1, seq, bias.shape[-1]))
+                return jax.nn.dot_product_attention(q, k, v, bias=full_bias, implementation="cudnn")
+            except (ValueError, NotImplementedError, RuntimeError):
+                pass
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
 
 
 class BertAddNorm(nn.Module):

@@ -285,3 +285,103 @@ def test_padding_never_changes_mean_pooled_exits(tiny):
         wider["input_ids"][row, : batch["input_ids"].shape[1]][pad] = rng.integers(5, 99, pad.sum())
     logits = np.asarray(_apply(model, params, batch).logits)
     np.testing.assert_allclose(np.asarray(_apply(model, params, wider).logits), logits, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- attention paths
+# Inference goes through jax.nn.dot_product_attention; training with attention dropout through
+# the explicit softmax, then dropout on the probabilities. Both must be the same attention.
+
+ATTENTION = dict(TINY, hidden_size=16, num_attention_heads=2, hidden_dropout_prob=0.0, classifier_dropout=0.0)
+
+
+def _attention_inputs(seed: int):
+    from gaml_jax.model import attention_bias
+
+    rng = np.random.default_rng(seed)
+    hidden = rng.normal(size=(3, 7, ATTENTION["hidden_size"])).astype(np.float32)
+    mask = np.ones((3, 7), np.int32)
+    mask[0, 5:] = mask[2, 3:] = 0
+    return jnp.asarray(hidden), mask, attention_bias(jnp.asarray(mask), jnp.float32)
+
+
+def test_training_attention_path_equals_inference_path(tiny):
+    # A dropout rate whose keep probability rounds to 1.0 in float32 keeps every probability
+    # and scales by exactly 1: the explicit training path then computes bare attention.
+    model, params = load_pretrained(tiny.folder, hidden_dropout_prob=0.0, classifier_dropout=0.0)
+    train_model = MultiExitBert(model.config.replace(attention_probs_dropout_prob=1e-9))
+    assert np.float32(1 - 1e-9) == 1.0
+    batch = tiny.batch
+    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    inference = model.apply({"params": params}, *args, output_hidden_states=True)
+    training = train_model.apply(
+        {"params": params},
+        *args,
+        deterministic=False,
+        output_hidden_states=True,
+        rngs={"dropout": jax.random.key(0)},
+    )
+    for ours, theirs in zip(training.hidden_states, tiny.hidden_states, strict=True):
+        assert _masked_max_error(ours, theirs, batch["attention_mask"]) < F32_TOL
+    for a, b in zip(training.hidden_states, inference.hidden_states, strict=True):
+        assert _masked_max_error(a, np.asarray(b), batch["attention_mask"]) < 1e-5
+
+
+def test_attention_dropout_is_unbiased_with_the_configured_variance():
+    from gaml_jax.config import ModelConfig
+    from gaml_jax.model import BertSelfAttention
+
+    rate, draws = 0.3, 4000
+    config = ModelConfig(**ATTENTION, attention_probs_dropout_prob=rate)
+    attention = BertSelfAttention(config)
+    hidden, mask, bias = _attention_inputs(0)
+    variables = attention.init(jax.random.key(1), hidden, bias, True)
+    exact = np.asarray(attention.apply(variables, hidden, bias, True), np.float64)
+    keys = jax.random.split(jax.random.key(2), draws)
+    sampled = np.asarray(
+        jax.jit(jax.vmap(lambda key: attention.apply(variables, hidden, bias, False, rngs={"dropout": key})))(
+            keys
+        ),
+        np.float64,
+    )  # [draws, batch, seq, hidden]
+
+    # numpy reference: probabilities p and values v of every head; with keep mask m ~ Bernoulli(1 - r)
+    # the context sum_k p_k m_k v_k / (1 - r) has mean sum_k p_k v_k, variance r/(1-r) sum_k p_k^2 v_k^2.
+    p = variables["params"]
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    x = np.asarray(hidden, np.float64)
+
+    def project(name):
+        y = x @ np.asarray(p[name]["kernel"], np.float64) + np.asarray(p[name]["bias"], np.float64)
+        return y.reshape(x.shape[:2] + (heads, head_dim))
+
+    q, k, v = project("query"), project("key"), project("value")
+    scores = (
+        np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim) + np.where(mask, 0.0, -1e30)[:, None, None]
+    )
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    mean = np.einsum("bhqk,bkhd->bqhd", probs, v).reshape(exact.shape)
+    variance = rate / (1 - rate) * np.einsum("bhqk,bkhd->bqhd", probs**2, v**2).reshape(exact.shape)
+
+    np.testing.assert_allclose(exact, mean, rtol=0, atol=1e-5)
+    assert not np.allclose(sampled[0], exact, atol=1e-3) and not np.allclose(
+        sampled[0], sampled[1], atol=1e-3
+    )
+    standard_error = np.sqrt(variance / draws)
+    assert np.all(np.abs(sampled.mean(0) - mean) < 5 * standard_error + 1e-6)
+    assert sampled.var(0).sum() == pytest.approx(variance.sum(), rel=0.05)
+
+
+def test_attention_dropout_keeps_padded_keys_out():
+    from gaml_jax.config import ModelConfig
+    from gaml_jax.model import BertSelfAttention
+
+    attention = BertSelfAttention(ModelConfig(**ATTENTION, attention_probs_dropout_prob=0.3))
+    hidden, mask, bias = _attention_inputs(3)
+    variables = attention.init(jax.random.key(1), hidden, bias, True)
+    noise = np.random.default_rng(4).normal(size=hidden.shape).astype(np.float32) * (1 - mask[..., None])
+    key = {"dropout": jax.random.key(5)}
+    clean = attention.apply(variables, hidden, bias, False, rngs=key)
+    noisy = attention.apply(variables, hidden + noise, bias, False, rngs=key)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(noisy)[real], np.asarray(clean)[real], rtol=0, atol=1e-6)

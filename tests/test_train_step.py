@@ -259,3 +259,38 @@ def test_the_optimizer_alone_decides_whether_kd_is_computed(method):
         assert float(metrics["kd"]) == 0.0 and "grad_cosine" not in metrics
     else:
         assert float(metrics["kd"]) > 0.0 and "grad_cosine" in metrics
+
+
+def test_vjp_pull_backs_give_the_gradients_of_two_grad_calls_under_dropout():
+    # The vjp mode pulls both cotangents back through one forward; under dropout both must see
+    # the forward's masks. Reference: two independent jax.grad calls (grad mode) with the same
+    # key. A first link records the CE and KD gradients the chain receives; GA follows as usual.
+    import optax
+
+    from gaml_jax.alignment import gradient_alignment
+
+    config = CONFIG.replace(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    model, params = init_params(config)
+
+    def record() -> optax.GradientTransformationExtraArgs:
+        def init(p):
+            return {"ce": jax.tree.map(jnp.zeros_like, p), "kd": jax.tree.map(jnp.zeros_like, p)}
+
+        def update(updates, state, params=None, *, kd_grads=None, **extra):
+            del state, params, extra
+            return updates, {"ce": updates, "kd": kd_grads}
+
+        return optax.GradientTransformationExtraArgs(init, update)
+
+    tx = optax.chain(record(), gradient_alignment(0.7), optax.sgd(0.1))
+    batch = {k: jnp.asarray(v) for k, v in make_batch(4, config).items()}
+    grads = {}
+    for mode in ("vjp", "grad"):
+        step = jax.jit(functools.partial(train_step, model=model, tx=tx, grad_mode=mode))
+        grads[mode] = step(create_train_state(params, tx), batch, jax.random.key(7))[0].opt_state[0]
+    no_dropout = jax.jit(functools.partial(train_step, model=init_params()[0], tx=tx))
+    plain = no_dropout(create_train_state(params, tx), batch, jax.random.key(7))[0].opt_state[0]
+    for name in ("ce", "kd"):
+        vjp, grad = _flat(grads["vjp"][name]), _flat(grads["grad"][name])
+        assert np.abs(vjp).max() > 0 and not np.allclose(vjp, _flat(plain[name]), atol=1e-4)  # dropout acted
+        np.testing.assert_allclose(vjp, grad, rtol=1e-5, atol=1e-6 * np.abs(grad).max())

@@ -1,0 +1,266 @@
+"""Compile time: the persistent cache on a short train.py run, and remat / scan of the layers.
+
+``--train`` runs the default training (MiniLM, Rotten Tomatoes, GAML, the three length buckets)
+for a few steps twice, in fresh processes sharing one new cache folder: cold (empty cache), then
+warm. For each it prints the seconds from the start of training to the end of step 1, the run's
+total, and the seconds JAX spent compiling (XLA's backend compilations, from ``jax.monitoring``)
+with the number of programs compiled and loaded from the cache.
+
+``--variants`` compiles the GAML train step of the model as it is, with every layer under
+``nn.remat``, and with the layers under ``nn.scan`` (one compiled layer body; stacked parameters,
+a different parameter tree: measured here only), and times each step, alternating.
+
+    python bench/bench_compile.py --train --steps 20
+    python bench/bench_compile.py --variants             # MiniLM shape, batch 32 x seq 64
+    python bench/bench_compile.py --variants --quick     # batch 8 x seq 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+# --------------------------------------------------------------------------- --train
+
+
+def _train_child(steps: int, workdir: str) -> None:
+    """One short training run in this process; prints a JSON line of its timings."""
+    start = time.perf_counter()
+    import jax
+
+    durations: dict[str, list[float]] = collections.defaultdict(list)
+    events: collections.Counter = collections.Counter()
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: durations[name].append(secs)
+    )
+    jax.monitoring.register_event_listener(lambda name, **kw: events.update([name]))
+
+    import configs.default
+    from gaml_jax import trainer
+    from gaml_jax.compilation import enable_compilation_cache
+
+    enable_compilation_cache()
+    first_step: list[float] = []
+    make_step = trainer.shard_map_step
+
+    def timed_shard_map_step(step_fn, mesh):  # notes when the first step's results exist
+        step = make_step(step_fn, mesh)
+
+        def run(*args):
+            out = step(*args)
+            if not first_step:
+                jax.block_until_ready(out)
+                first_step.append(time.perf_counter())
+            return out
+
+        return run
+
+    trainer.shard_map_step = timed_shard_map_step
+    config = configs.default.get_config()
+    config.train.num_train_steps = steps
+    config.train.log_every = steps
+    train_start = time.perf_counter()
+    trainer.train_and_evaluate(config, workdir)
+    end = time.perf_counter()
+    backend = durations.get("/jax/core/compile/backend_compile_duration", [])
+    print(
+        json.dumps(
+            {
+                "to_step_1_s": first_step[0] - train_start,
+                "train_s": end - train_start,
+                "process_s": end - start,
+                "compile_s": sum(backend),
+                "compiled": len(backend),
+                "cache_hits": sum(n for e, n in events.items() if e.endswith("cache_hits")),
+                "cache_misses": sum(n for e, n in events.items() if e.endswith("cache_misses")),
+            }
+        )
+    )
+
+
+def bench_train(steps: int) -> None:
+    cache = tempfile.mkdtemp(prefix="gaml-xla-cache-")
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, PYTHONPATH=str(REPO))
+    print(f"train.py's default run, {steps} steps, cache {cache}")
+    print(f"{'run':<6}{'to step 1 s':>12}{'train s':>9}{'compile s':>11}{'compiled':>10}{'cache hits':>12}")
+    for run in ("cold", "warm"):
+        with tempfile.TemporaryDirectory(prefix="gaml-workdir-") as workdir:
+            out = subprocess.run(
+                [sys.executable, __file__, "--train-child", "--steps", str(steps), "--workdir", workdir],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        if out.returncode:
+            sys.exit(f"{run} run failed:\n{out.stderr[-3000:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(
+            f"{run:<6}{r['to_step_1_s']:12.1f}{r['train_s']:9.1f}{r['compile_s']:11.1f}"
+            f"{r['compiled']:10d}{r['cache_hits']:12d}"
+        )
+
+
+# --------------------------------------------------------------------------- --variants
+
+
+def scanned_model(config):
+    """The multi-exit BERT with its layers under ``nn.scan``: one layer body, stacked parameters."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from gaml_jax import model as m
+
+    class ScanBody(nn.Module):
+        config: m.ModelConfig
+        deterministic: bool
+
+        @nn.compact
+        def __call__(self, hidden, bias):
+            hidden = m.BertLayer(self.config, name="layer")(hidden, bias, self.deterministic)
+            return hidden, hidden[:, 0]  # carry, and the [CLS] state every exit reads
+
+    class ScannedBert(nn.Module):
+        config: m.ModelConfig
+
+        @nn.compact
+        def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic=True):
+            cfg = self.config
+            if token_type_ids is None:
+                token_type_ids = jnp.zeros_like(input_ids)
+            hidden = m.BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
+            bias = m.attention_bias(attention_mask, cfg.compute_dtype)
+            layers = nn.scan(
+                ScanBody,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=cfg.num_hidden_layers,
+            )(cfg, deterministic, name="layers")
+            _, cls_states = layers(hidden, bias)  # [layers, batch, hidden]
+            # The shared pooler reads position 0 of [batch, seq, hidden]: every layer's [CLS] at once.
+            pooled = m.BertPooler(cfg, name="pooler")(cls_states.reshape(-1, 1, cfg.hidden_size))
+            pooled = pooled.reshape(cls_states.shape)
+            pooled = nn.Dropout(cfg.exit_dropout)(pooled, deterministic=deterministic)
+            logits = [
+                m._dense(cfg, cfg.num_labels, f"classifier_{k}")(pooled[layer - 1]).astype(jnp.float32)
+                for k, layer in enumerate(cfg.exits)
+            ]
+            return m.MultiExitOutput(logits=jnp.stack(logits))
+
+    return ScannedBert(config)
+
+
+def remat_model(config):
+    """The multi-exit BERT with every layer under ``nn.remat`` (activations recomputed)."""
+    import flax.linen as nn
+
+    from gaml_jax import model as m
+
+    class RematBert(m.MultiExitBert):
+        def setup(self):
+            super().setup()
+            layer = nn.remat(m.BertLayer, static_argnums=(3,))  # self, hidden, bias, deterministic
+            self.layers = [
+                layer(self.config, name=f"layer_{i}") for i in range(self.config.num_hidden_layers)
+            ]
+
+    return RematBert(config)
+
+
+def bench_variants(batch_size: int, seq: int, repeats: int) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from bench.bench_vs_torch import SHAPES, make_batch
+    from gaml_jax.config import ModelConfig
+    from gaml_jax.model import MultiExitBert
+    from gaml_jax.train_step import create_train_state, make_optimizer, train_step
+
+    jax.config.update("jax_enable_compilation_cache", False)  # every variant compiles for real
+    config = ModelConfig(**SHAPES["minilm"])
+    batch = jax.device_put(make_batch(batch_size, seq, config.vocab_size))
+    rng = jax.random.key(0)
+    print(f"GAML train step, MiniLM shape, batch {batch_size} x seq {seq}; persistent cache off")
+    print(f"{'variant':<10}{'trace+lower s':>14}{'compile s':>11}{'HLO ops':>9}")
+    runs = {}
+    for name, model in (
+        ("as is", MultiExitBert(config)),
+        ("remat", remat_model(config)),
+        ("scan", scanned_model(config)),
+    ):
+        params = model.init(jax.random.key(0), jnp.ones((1, seq), jnp.int32))["params"]
+        tx = make_optimizer(
+            method="gaml", total_steps=1000, learning_rate=2e-5, exit_learning_rate=2e-4, warmup_steps=10
+        )
+        state = create_train_state(params, tx)
+        step = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
+        start = time.perf_counter()
+        lowered = step.lower(state, batch, rng)
+        lowered_s = time.perf_counter() - start
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - start
+        ops = sum(line.count(" = ") for line in lowered.as_text().splitlines())
+        print(f"{name:<10}{lowered_s:14.1f}{compile_s:11.1f}{ops:9d}", flush=True)
+        holder = {"state": state}
+
+        def run(compiled=compiled, holder=holder):
+            holder["state"], metrics = compiled(holder["state"], batch, rng)
+            jax.block_until_ready(metrics)
+
+        run()
+        runs[name] = run
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.process_time()
+            run()
+            times[name].append(time.process_time() - start)
+    base = statistics.median(times["as is"])
+    print(
+        "step CPU seconds (median, alternating): "
+        + ", ".join(
+            f"{name} {statistics.median(t):.2f} ({statistics.median(t) / base:.2f}x)"
+            for name, t in times.items()
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--train", action="store_true", help="Cold and warm short train.py runs.")
+    parser.add_argument("--variants", action="store_true", help="Compile time of remat and scan.")
+    parser.add_argument("--quick", action="store_true", help="--variants at batch 8 x seq 32, 2 repeats.")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--train-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.train_child:
+        _train_child(args.steps, args.workdir)
+        return
+    if not (args.train or args.variants):
+        parser.error("give --train and/or --variants")
+    if args.train:
+        bench_train(args.steps)
+    if args.variants:
+        bench_variants(8 if args.quick else 32, 32 if args.quick else 64, 2 if args.quick else 3)
+
+
+if __name__ == "__main__":
+    main()

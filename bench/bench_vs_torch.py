@@ -1,0 +1,347 @@
+"""Our JAX train step and forward against HF PyTorch on the same shapes, measured side by side.
+
+The PyTorch reference (test-only; torch is not a dependency of the library) is the PABEE-style
+multi-exit CE step: HF ``BertModel`` with the same config, one linear exit on the pooler of every
+layer's [CLS] state (dropout before it), the layer-weighted CE of all exits, gradient clipping
+at 1.0, AdamW with one rate for the encoder and another for the exits. Ours are the same CE step
+(an optimizer made with ``method="ce"``) and the GAML step (``method="gaml"``). Also the inference forward
+(every exit's logits, parameters on the device) at batch 1 x 32 and 32 x 64 tokens.
+
+Timed calls alternate between the contenders (the machine is shared and noisy); each figure is a
+median, and each ratio is ours over PyTorch's examples/s (> 1: we are faster). torch uses as
+many threads as XLA's CPU client does (one per core this process may run on).
+
+    python bench/bench_vs_torch.py                    # MiniLM shape, batch 32 x seq 64
+    python bench/bench_vs_torch.py --shape bert-base  # BERT-base shape
+    python bench/bench_vs_torch.py --quick            # batch 8 x seq 32, 3 repeats
+    python bench/bench_vs_torch.py --cores 1          # both on one core (steadier on a busy machine)
+    python bench/bench_vs_torch.py --shape bert-base --seq 128 --dtype bfloat16   # on a GPU: + MFU
+
+On a GPU both sides run there: ours under bfloat16 compute with float32 parameters
+(``--dtype bfloat16``), PyTorch under ``torch.autocast(bfloat16)`` with float32 parameters and
+fused AdamW. Model FLOPs utilisation counts the matrix products of the model (3 passes for a CE
+step, 5 for GAML's forward and two backwards) against the chip's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gaml_jax.config import ModelConfig  # noqa: E402
+from gaml_jax.losses import exit_weights  # noqa: E402
+from gaml_jax.model import MultiExitBert  # noqa: E402
+from gaml_jax.train_step import create_train_state, make_optimizer, train_step  # noqa: E402
+
+SHAPES = {
+    "minilm": dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536),
+    "bert-base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+}
+LR, EXIT_LR, WEIGHT_DECAY, CLIP = 2e-5, 2e-4, 0.01, 1.0
+
+
+def make_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random word pieces, a random length per row (at least half the row), padding after it."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(max(seq // 2, 1), seq + 1, batch)
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
+    return {
+        "input_ids": (rng.integers(1000, vocab, (batch, seq)) * mask).astype(np.int32),
+        "attention_mask": mask,
+        "token_type_ids": np.zeros((batch, seq), np.int32),
+        "labels": rng.integers(0, 2, batch).astype(np.int32),
+        "weights": np.ones(batch, np.float32),
+    }
+
+
+# --------------------------------------------------------------------------- model FLOPs
+
+# Dense bfloat16 peak of the chip in FLOP/s (datasheet, no sparsity), by a name in device_kind.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def forward_flops(config: ModelConfig, batch: int, seq: int) -> float:
+    """Multiply-adds x 2 of one forward: projections, feed-forward, attention products, exits."""
+    h, i = config.hidden_size, config.intermediate_size
+    per_layer = 2 * seq * (4 * h * h + 2 * h * i) + 2 * 2 * seq * seq * h
+    exits = config.num_exits * 2 * (h * h + h * config.num_labels)
+    return batch * (config.num_hidden_layers * per_layer + exits)
+
+
+def peak_flops() -> tuple[str, float | None]:
+    kind = jax.devices()[0].device_kind
+    return kind, next((peak for name, peak in PEAK_BF16.items() if name in kind), None)
+
+
+# --------------------------------------------------------------------------- ours
+
+
+def jax_step(config: ModelConfig, params, method: str, batch) -> Callable[[], None]:
+    """``run()`` does one compiled update on ``batch`` (on the device) and waits for it."""
+    model = MultiExitBert(config)
+    tx = make_optimizer(
+        method=method,
+        total_steps=10_000,
+        learning_rate=LR,
+        exit_learning_rate=EXIT_LR,
+        warmup_steps=10,
+        weight_decay=WEIGHT_DECAY,
+        grad_clip_norm=CLIP,
+    )
+    state = create_train_state(jax.tree.map(jnp.copy, params), tx)  # the step donates its state
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
+    rng = jax.random.key(0)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], batch, rng)
+        jax.block_until_ready(metrics)
+
+    return run
+
+
+def jax_forward(config: ModelConfig, params, batch) -> Callable[[], None]:
+    model = MultiExitBert(config)
+    apply = jax.jit(lambda p, ids, mask, types: model.apply({"params": p}, ids, mask, types).logits)
+    args = (params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    return lambda: apply(*args).block_until_ready()
+
+
+# --------------------------------------------------------------------------- PyTorch reference
+
+
+def torch_model(config: ModelConfig):
+    import torch
+    import transformers
+
+    class MultiExitTorch(torch.nn.Module):
+        """HF BertModel + a linear exit on the (shared) pooler of every layer, as PABEE's code."""
+
+        def __init__(self):
+            super().__init__()
+            hf = transformers.BertConfig(
+                vocab_size=config.vocab_size,
+                hidden_size=config.hidden_size,
+                num_hidden_layers=config.num_hidden_layers,
+                num_attention_heads=config.num_attention_heads,
+                intermediate_size=config.intermediate_size,
+                hidden_dropout_prob=config.hidden_dropout_prob,
+                attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+            )
+            self.bert = transformers.BertModel(hf)
+            self.dropout = torch.nn.Dropout(config.exit_dropout)
+            self.exits = torch.nn.ModuleList(
+                torch.nn.Linear(config.hidden_size, config.num_labels) for _ in config.exits
+            )
+
+        def forward(self, input_ids, attention_mask, token_type_ids):  # -> [exits, batch, labels]
+            out = self.bert(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                output_hidden_states=True,
+            )
+            pooled = [self.bert.pooler(out.hidden_states[layer]) for layer in config.exits]
+            return torch.stack([exit(self.dropout(p)) for exit, p in zip(self.exits, pooled, strict=True)])
+
+    return MultiExitTorch()
+
+
+class TorchSide:
+    """Where and how the PyTorch reference runs: the GPU when there is one, autocast for bf16."""
+
+    def __init__(self, dtype: str):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype
+
+    def batch(self, batch: dict[str, np.ndarray]) -> dict:
+        t = self.torch
+        return {
+            k: t.from_numpy(v).to(self.device, t.float32 if v.dtype == np.float32 else t.long)
+            for k, v in batch.items()
+        }
+
+    def autocast(self):
+        return self.torch.autocast(self.device.type, self.torch.bfloat16, enabled=self.dtype == "bfloat16")
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+
+def torch_step(config: ModelConfig, side: TorchSide, batch: dict[str, np.ndarray]) -> Callable[[], None]:
+    torch = side.torch
+    model = torch_model(config).to(side.device).train()
+    decay = lambda name: not (name.endswith("bias") or "LayerNorm" in name)
+    groups = []
+    for is_exit, lr in ((False, LR), (True, EXIT_LR)):
+        named = [(n, p) for n, p in model.named_parameters() if n.startswith("exits.") == is_exit]
+        groups.append({"params": [p for n, p in named if decay(n)], "lr": lr, "weight_decay": WEIGHT_DECAY})
+        groups.append({"params": [p for n, p in named if not decay(n)], "lr": lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, fused=side.device.type == "cuda")
+    exit_w = torch.from_numpy(exit_weights(config.exits, "layer")).to(side.device)
+    b = side.batch(batch)
+
+    def run():
+        with side.autocast():
+            logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"]).float()
+        per_exit = torch.stack([torch.nn.functional.cross_entropy(z, b["labels"]) for z in logits])
+        loss = (exit_w * per_exit).sum() / exit_w.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        side.sync()
+
+    return run
+
+
+def torch_forward(config: ModelConfig, side: TorchSide, batch: dict[str, np.ndarray]) -> Callable[[], None]:
+    torch = side.torch
+    model = torch_model(config).to(side.device).eval()
+    b = side.batch(batch)
+
+    def run():
+        with torch.inference_mode(), side.autocast():
+            model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        side.sync()
+
+    return run
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def race(contenders: dict[str, Callable[[], None]], repeats: int) -> dict[str, dict[str, float]]:
+    """Median wall and CPU seconds per call of each contender; calls alternate after a warm-up each.
+
+    CPU seconds (all threads of this process) are the steadier figure on a shared CPU: they do
+    not grow when other processes take the cores, as wall time does.
+    """
+    for run in contenders.values():
+        run()
+    times = {name: {"wall": [], "cpu": []} for name in contenders}
+    for _ in range(repeats):
+        for name, run in contenders.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            run()
+            times[name]["cpu"].append(time.process_time() - cpu)
+            times[name]["wall"].append(time.perf_counter() - wall)
+    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+
+
+def print_race(title: str, seconds: dict, batch_size: int, reference: str, flops: dict | None = None) -> None:
+    """One line per contender; with ``flops`` (per call) also TFLOP/s and MFU against the chip's peak."""
+    kind, peak = peak_flops()
+    print(f"\n{title}")
+    versus = "x " + reference
+    head = f"  {'':<12}{'wall ms':>10}{'ex/s':>8}{versus:>12}{'CPU ms':>10}{'ex/CPU s':>10}{versus:>12}"
+    print(head + (f"{'TFLOP/s':>9}{'MFU':>7}" if flops else ""))
+    ref = seconds[reference]
+    for name, s in seconds.items():
+        line = (
+            f"  {name:<12}{1e3 * s['wall']:10.1f}{batch_size / s['wall']:8.1f}{ref['wall'] / s['wall']:12.2f}"
+            f"{1e3 * s['cpu']:10.1f}{batch_size / s['cpu']:10.1f}{ref['cpu'] / s['cpu']:12.2f}"
+        )
+        if flops:
+            rate = flops[name] / s["wall"]
+            line += f"{rate / 1e12:9.2f}" + (f"{rate / peak:7.1%}" if peak else f"{'n/a':>7}")
+        print(line)
+    if flops:
+        print(
+            f"  MFU against {kind}'s dense bf16 peak"
+            + (f" {peak / 1e12:.0f} TFLOP/s" if peak else ": unknown chip")
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", default="minilm", choices=sorted(SHAPES))
+    parser.add_argument("--quick", action="store_true", help="Batch 8 x seq 32, 3 repeats.")
+    parser.add_argument("--batch", type=int, default=None, help="Train batch (default 32; 8 with --quick).")
+    parser.add_argument("--seq", type=int, default=None, help="Train sequence length (default 64; 32 quick).")
+    parser.add_argument("--repeats", type=int, default=None, help="Timed calls of each (default 7; 3 quick).")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Compute dtype.")
+    parser.add_argument("--cores", type=int, default=None, help="Run on this many cores only (both sides).")
+    parser.add_argument("--no-gaml", action="store_true", help="Skip our GAML step.")
+    parser.add_argument("--no-forward", action="store_true", help="Skip the forward comparison.")
+    args = parser.parse_args()
+    batch_size = args.batch or (8 if args.quick else 32)
+    seq = args.seq or (32 if args.quick else 64)
+    repeats = args.repeats or (3 if args.quick else 7)
+
+    if args.cores:  # before JAX starts its CPU client, which sizes its thread pool on the affinity
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
+    import torch
+
+    # XLA's CPU client runs one thread per core it may use; give torch the same.
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    side = TorchSide(args.dtype)
+    config = ModelConfig(**SHAPES[args.shape], dtype=args.dtype)
+    print(
+        f"{args.shape}: {config.num_hidden_layers} layers x {config.hidden_size}, "
+        f"{config.num_attention_heads} heads, intermediate {config.intermediate_size}, "
+        f"vocab {config.vocab_size}; compute {args.dtype}; "
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"torch {torch.__version__} on {side.device} with {torch.get_num_threads()} threads; "
+        f"{threads} cores; median of {repeats} alternating calls"
+    )
+    params = MultiExitBert(config).init(jax.random.key(0), jnp.ones((1, seq), jnp.int32))["params"]
+    params = jax.device_put(params)
+    batch = make_batch(batch_size, seq, config.vocab_size)
+    device_batch = jax.device_put(batch)
+
+    contenders = {"ours CE": jax_step(config, params, "ce", device_batch)}
+    contenders["torch CE"] = torch_step(config, side, batch)
+    if not args.no_gaml:
+        contenders["ours GAML"] = jax_step(config, params, "gaml", device_batch)
+    seconds = race(contenders, repeats)
+    fwd = forward_flops(config, batch_size, seq)
+    flops = {"ours CE": 3 * fwd, "torch CE": 3 * fwd, "ours GAML": 5 * fwd}
+    print_race(f"train step, batch {batch_size} x seq {seq}", seconds, batch_size, "torch CE", flops)
+    ours, theirs = seconds["ours CE"], seconds["torch CE"]
+    print(
+        f"  ours CE / torch CE examples/s: {theirs['wall'] / ours['wall']:.2f}x on the wall clock, "
+        f"{theirs['cpu'] / ours['cpu']:.2f}x per CPU second (target >= 1.2)"
+    )
+    if not args.no_gaml:
+        gaml = seconds["ours GAML"]
+        print(
+            f"  ours GAML step / ours CE step: {gaml['wall'] / ours['wall']:.2f} wall, "
+            f"{gaml['cpu'] / ours['cpu']:.2f} CPU (FLOP floor 5/3)"
+        )
+
+    if not args.no_forward:
+        for b, s in ((1, 32), (32, 64)):
+            fwd_batch = make_batch(b, s, config.vocab_size, seed=1)
+            seconds = race(
+                {
+                    "ours": jax_forward(config, params, jax.device_put(fwd_batch)),
+                    "torch": torch_forward(config, side, fwd_batch),
+                },
+                repeats * (5 if b == 1 else 1),
+            )
+            print_race(f"forward (every exit's logits), batch {b} x seq {s}", seconds, b, "torch")
+
+
+if __name__ == "__main__":
+    main()

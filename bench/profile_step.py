@@ -1,0 +1,148 @@
+"""Where our train step spends its time: a jax.profiler trace, summed per XLA operation.
+
+Traces a few calls of the jitted step (random weights, ``bench_vs_torch``'s batch) and prints the
+operations that take the most time, each with its share of the step, read from the trace's
+XSpace with ``jax.profiler.ProfileData`` (no TensorBoard needed), and XLA's cost analysis of the
+compiled step (FLOPs and bytes). ``--dump DIR`` also keeps the optimised HLO (to look an
+operation up by name) and the trace (for TensorBoard's profile plugin or Perfetto).
+
+    python bench/profile_step.py                       # MiniLM shape, CE step, batch 32 x seq 64
+    python bench/profile_step.py --method gaml --top 30
+    python bench/profile_step.py --dump /tmp/prof      # + HLO text and the trace files
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench.bench_vs_torch import EXIT_LR, LR, SHAPES, WEIGHT_DECAY, make_batch  # noqa: E402
+from gaml_jax.config import ModelConfig  # noqa: E402
+from gaml_jax.model import MultiExitBert  # noqa: E402
+from gaml_jax.train_step import create_train_state, make_optimizer, train_step  # noqa: E402
+
+# Trace events that are not XLA operations: the runtime's own bookkeeping and Python frames.
+_NOT_OPS = ("ThreadpoolListener::", "ThunkExecutor::", "SlinkyThreadPool::", "end: ", "$", "Wait for ")
+
+
+def op_times(trace_dir: Path) -> dict[str, float]:
+    """Microseconds per XLA operation, summed over the host's XLA threads (thread time, not wall)."""
+    from jax.profiler import ProfileData
+
+    (xspace,) = trace_dir.rglob("*.xplane.pb")
+    totals: dict[str, float] = collections.defaultdict(float)
+    for plane in ProfileData.from_file(str(xspace)).planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLA"):  # XLA's worker threads run the operations
+                continue
+            for event in line.events:
+                if not event.name.startswith(_NOT_OPS):
+                    totals[event.name] += event.duration_ns / 1e3
+    return totals
+
+
+def hlo_kinds(hlo_text: str) -> dict[str, str]:
+    """Operation name -> a short description: its opcode and, for fusions, the ops inside."""
+    kinds, computations = {}, {}
+    current = None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            current = header.group(1)
+            computations[current] = []
+            continue
+        m = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(", line)
+        if m and current is not None:
+            computations[current].append(m.group(2))
+            called = re.search(r"calls=%?([\w.\-]+)", line)
+            kinds[m.group(1)] = (m.group(2), called.group(1) if called else None)
+    out = {}
+    for name, (opcode, called) in kinds.items():
+        inner = computations.get(called, []) if called else []
+        interesting = sorted(
+            {op for op in inner if op not in ("parameter", "constant", "bitcast", "broadcast")}
+        )
+        out[name] = opcode + (f"[{','.join(interesting)}]" if interesting else "")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", default="minilm", choices=sorted(SHAPES))
+    parser.add_argument("--method", default="ce", choices=["ce", "ml", "gaml"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3, help="Traced steps (after one warm-up).")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--dump", default=None, help="Keep the HLO and the trace in this folder.")
+    args = parser.parse_args()
+
+    config = ModelConfig(**SHAPES[args.shape])
+    model = MultiExitBert(config)
+    params = model.init(jax.random.key(0), jnp.ones((1, args.seq), jnp.int32))["params"]
+    tx = make_optimizer(
+        method=args.method,
+        total_steps=10_000,
+        learning_rate=LR,
+        exit_learning_rate=EXIT_LR,
+        warmup_steps=10,
+        weight_decay=WEIGHT_DECAY,
+    )
+    state = create_train_state(params, tx)
+    batch = jax.device_put(make_batch(args.batch, args.seq, config.vocab_size))
+    rng = jax.random.key(0)
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
+    compiled = step.lower(state, batch, rng).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    print(
+        f"{args.shape} {args.method} step, batch {args.batch} x seq {args.seq}: XLA cost analysis "
+        f"{cost.get('flops', 0) / 1e9:.1f} GFLOP, {cost.get('bytes accessed', 0) / 2**30:.2f} GiB accessed"
+    )
+    out = Path(args.dump) if args.dump else Path(tempfile.mkdtemp(prefix="gaml-profile-"))
+    out.mkdir(parents=True, exist_ok=True)
+    if args.dump:
+        (out / "step.hlo.txt").write_text(compiled.as_text())
+
+    state, metrics = compiled(state, batch, rng)  # warm-up
+    jax.block_until_ready(metrics)
+    with jax.profiler.trace(str(out / "trace")):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = compiled(state, batch, rng)
+            jax.block_until_ready(metrics)
+        wall = time.perf_counter() - start
+    per_step = {name: us / args.steps for name, us in op_times(out / "trace").items()}
+    total = sum(per_step.values())
+    kinds = hlo_kinds(compiled.as_text())
+    print(
+        f"traced {args.steps} steps: {wall / args.steps * 1e3:.0f} ms wall per step, "
+        f"{total / 1e3:.0f} ms of XLA thread time per step"
+    )
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    for name, us in per_step.items():
+        by_kind[kinds.get(name, name.split(".")[0])] += us
+    for title, table in (("operation kinds", by_kind), ("operations", per_step)):
+        print(f"\nTop {title} by thread time per step\n{'ms':>9} {'share':>6}  name")
+        for name, us in sorted(table.items(), key=lambda kv: -kv[1])[: args.top]:
+            suffix = f"  {kinds.get(name, '')}" if table is per_step else ""
+            print(f"{us / 1e3:9.2f} {us / total:6.1%}  {name}{suffix}")
+    if args.dump:
+        print(f"HLO in {out / 'step.hlo.txt'}, trace in {out / 'trace'}")
+
+
+if __name__ == "__main__":
+    main()
