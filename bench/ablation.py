@@ -256,8 +256,9 @@ def _mean_std(values: Sequence[float]) -> str:
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return "-"
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return f"{np.mean(values):.4f} ± {std:.4f}"
+    if len(values) == 1:  # one seed: no spread to show
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
 def _row(run: dict[str, Any], criterion: str, target: float) -> dict[str, Any] | None:
@@ -289,8 +290,8 @@ def write_report(out: Path) -> str:
     head = ["variant", "seeds", "all layers"] + [f"{t:g}x" for t in TABLE_TARGETS]
     head += [f"drop {t:g}x" for t in TABLE_TARGETS if t in (2.0, 3.0)] + ["exit 1 (dev)"]
     lines = [
-        f"Test {metric} (mean ± std over seeds), entropy thresholds calibrated on dev; drop = all layers "
-        "minus early exit, per seed.",
+        f"Test {metric} (mean ± sample std over seeds; a single value: one seed), entropy thresholds "
+        "calibrated on dev; drop = all layers minus early exit, per seed.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
