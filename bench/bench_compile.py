@@ -8,7 +8,11 @@ with the number of programs compiled and loaded from the cache.
 
 ``--variants`` compiles the GAML train step of the model as it is, with every layer under
 ``nn.remat``, and with the layers under ``nn.scan`` (one compiled layer body; stacked parameters,
-a different parameter tree: measured here only), and times each step, alternating.
+a different parameter tree: measured here only), and as it is under XLA:CPU's FAST_COMPILE
+optimisation preset ("fast-comp"); for each it prints the seconds to trace and
+lower, to compile, and to load the compiled program back (what a run that finds it in the
+persistent cache pays instead), then times each step (CPU seconds, alternating). XLA flags
+apply as usual, e.g. ``XLA_FLAGS=--xla_cpu_opt_preset=FAST_COMPILE``.
 
     python bench/bench_compile.py --train --steps 20
     python bench/bench_compile.py --variants             # MiniLM shape, batch 32 x seq 64
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import json
 import os
@@ -139,6 +144,8 @@ def scanned_model(config):
         @nn.compact
         def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic=True):
             cfg = self.config
+            if attention_mask is None:
+                attention_mask = jnp.ones_like(input_ids)
             if token_type_ids is None:
                 token_type_ids = jnp.zeros_like(input_ids)
             hidden = m.BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
@@ -164,58 +171,79 @@ def scanned_model(config):
     return ScannedBert(config)
 
 
-def remat_model(config):
-    """The multi-exit BERT with every layer under ``nn.remat`` (activations recomputed)."""
+@contextlib.contextmanager
+def remat_layers():
+    """Within it, ``MultiExitBert`` builds every layer under ``nn.remat`` (activations recomputed
+    in the backward pass); same parameter tree. Trace and compile inside it."""
     import flax.linen as nn
 
     from gaml_jax import model as m
 
-    class RematBert(m.MultiExitBert):
-        def setup(self):
-            super().setup()
-            layer = nn.remat(m.BertLayer, static_argnums=(3,))  # self, hidden, bias, deterministic
-            self.layers = [
-                layer(self.config, name=f"layer_{i}") for i in range(self.config.num_hidden_layers)
-            ]
+    original = m.BertLayer
+    m.BertLayer = nn.remat(original, static_argnums=(3,))  # (self, hidden, bias, deterministic)
+    try:
+        yield
+    finally:
+        m.BertLayer = original
 
-    return RematBert(config)
+
+def compile_step(model, batch, rng, seq: int, compiler_options: dict | None = None):
+    """Traces and compiles the GAML step of ``model``: (compiled, state, trace s, compile s, load s, ops)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.serialize_executable import deserialize_and_load, serialize
+
+    from gaml_jax.train_step import create_train_state, make_optimizer, train_step
+
+    params = model.init(jax.random.key(0), jnp.ones((1, seq), jnp.int32))["params"]
+    tx = make_optimizer(
+        method="gaml", total_steps=1000, learning_rate=2e-5, exit_learning_rate=2e-4, warmup_steps=10
+    )
+    state = create_train_state(params, tx)
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, method="gaml"), donate_argnums=0)
+    start = time.perf_counter()
+    lowered = step.lower(state, batch, rng)
+    lowered_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile(compiler_options)
+    compile_s = time.perf_counter() - start
+    ops = sum(line.count(" = ") for line in lowered.as_text().splitlines())
+    # What a warm run pays instead of compile_s: loading the executable the cache holds.
+    payload, in_tree, out_tree = serialize(compiled)
+    start = time.perf_counter()
+    deserialize_and_load(payload, in_tree, out_tree)
+    load_s = time.perf_counter() - start
+    return compiled, state, lowered_s, compile_s, load_s, ops
 
 
 def bench_variants(batch_size: int, seq: int, repeats: int) -> None:
     import jax
-    import jax.numpy as jnp
 
     from bench.bench_vs_torch import SHAPES, make_batch
     from gaml_jax.config import ModelConfig
     from gaml_jax.model import MultiExitBert
-    from gaml_jax.train_step import create_train_state, make_optimizer, train_step
 
     jax.config.update("jax_enable_compilation_cache", False)  # every variant compiles for real
     config = ModelConfig(**SHAPES["minilm"])
     batch = jax.device_put(make_batch(batch_size, seq, config.vocab_size))
     rng = jax.random.key(0)
-    print(f"GAML train step, MiniLM shape, batch {batch_size} x seq {seq}; persistent cache off")
-    print(f"{'variant':<10}{'trace+lower s':>14}{'compile s':>11}{'HLO ops':>9}")
+    flags = os.environ.get("XLA_FLAGS", "none")
+    print(
+        f"GAML train step, MiniLM shape, batch {batch_size} x seq {seq}; persistent cache off; "
+        f"XLA_FLAGS {flags}"
+    )
+    print(f"{'variant':<10}{'trace+lower s':>14}{'compile s':>11}{'load s':>8}{'HLO ops':>9}")
     runs = {}
-    for name, model in (
-        ("as is", MultiExitBert(config)),
-        ("remat", remat_model(config)),
-        ("scan", scanned_model(config)),
+    fast_compile = {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}  # XLA:CPU's preset
+    for name, model, context, options in (
+        ("as is", MultiExitBert(config), contextlib.nullcontext, None),
+        ("remat", MultiExitBert(config), remat_layers, None),
+        ("scan", scanned_model(config), contextlib.nullcontext, None),
+        ("fast-comp", MultiExitBert(config), contextlib.nullcontext, fast_compile),
     ):
-        params = model.init(jax.random.key(0), jnp.ones((1, seq), jnp.int32))["params"]
-        tx = make_optimizer(
-            method="gaml", total_steps=1000, learning_rate=2e-5, exit_learning_rate=2e-4, warmup_steps=10
-        )
-        state = create_train_state(params, tx)
-        step = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
-        start = time.perf_counter()
-        lowered = step.lower(state, batch, rng)
-        lowered_s = time.perf_counter() - start
-        start = time.perf_counter()
-        compiled = lowered.compile()
-        compile_s = time.perf_counter() - start
-        ops = sum(line.count(" = ") for line in lowered.as_text().splitlines())
-        print(f"{name:<10}{lowered_s:14.1f}{compile_s:11.1f}{ops:9d}", flush=True)
+        with context():
+            compiled, state, lowered_s, compile_s, load_s, ops = compile_step(model, batch, rng, seq, options)
+        print(f"{name:<10}{lowered_s:14.1f}{compile_s:11.1f}{load_s:8.1f}{ops:9d}", flush=True)
         holder = {"state": state}
 
         def run(compiled=compiled, holder=holder):

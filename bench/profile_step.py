@@ -1,14 +1,17 @@
 """Where our train step spends its time: a jax.profiler trace, summed per XLA operation.
 
-Traces a few calls of the jitted step (random weights, ``bench_vs_torch``'s batch) and prints the
-operations that take the most time, each with its share of the step, read from the trace's
-XSpace with ``jax.profiler.ProfileData`` (no TensorBoard needed), and XLA's cost analysis of the
-compiled step (FLOPs and bytes). ``--dump DIR`` also keeps the optimised HLO (to look an
-operation up by name) and the trace (for TensorBoard's profile plugin or Perfetto).
+Traces a few calls of the jitted step (random weights, ``bench_vs_torch``'s batch), reads the
+trace's XSpace with ``jax.profiler.ProfileData`` (no TensorBoard needed), and attributes each
+XLA operation's time to the JAX operation it was compiled from (the HLO's op_name metadata):
+forward or backward pass, and matmuls, dropout, GELU, LayerNorm, attention, embeddings, the
+optimizer. Then the top operations with their shapes. Times are thread time summed over XLA's
+worker threads; run under ``taskset -c 0`` for a one-core picture that other load disturbs less.
+``--dump DIR`` also keeps the optimised HLO and the trace (for TensorBoard's profile plugin).
 
     python bench/profile_step.py                       # MiniLM shape, CE step, batch 32 x seq 64
     python bench/profile_step.py --method gaml --top 30
     python bench/profile_step.py --dump /tmp/prof      # + HLO text and the trace files
+    taskset -c 0 python bench/profile_step.py          # one core
 """
 
 from __future__ import annotations
@@ -52,29 +55,39 @@ def op_times(trace_dir: Path) -> dict[str, float]:
     return totals
 
 
-def hlo_kinds(hlo_text: str) -> dict[str, str]:
-    """Operation name -> a short description: its opcode and, for fusions, the ops inside."""
-    kinds, computations = {}, {}
-    current = None
+def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str, str]]:
+    """Operation name -> (opcode, result shape, the JAX operation it came from: metadata op_name)."""
+    ops = {}
     for line in hlo_text.splitlines():
-        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-        if header:
-            current = header.group(1)
-            computations[current] = []
-            continue
-        m = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(", line)
-        if m and current is not None:
-            computations[current].append(m.group(2))
-            called = re.search(r"calls=%?([\w.\-]+)", line)
-            kinds[m.group(1)] = (m.group(2), called.group(1) if called else None)
-    out = {}
-    for name, (opcode, called) in kinds.items():
-        inner = computations.get(called, []) if called else []
-        interesting = sorted(
-            {op for op in inner if op not in ("parameter", "constant", "bitcast", "broadcast")}
-        )
-        out[name] = opcode + (f"[{','.join(interesting)}]" if interesting else "")
-    return out
+        m = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(", line)
+        if m and m.group(1) not in ops:
+            source = re.search(r'op_name="([^"]*)"', line)
+            ops[m.group(1)] = (m.group(3), m.group(2), source.group(1) if source else "?")
+    return ops
+
+
+def category(source: str) -> str:
+    """Pass (forward / backward / rest of the step) and kind of a JAX operation, from its op_name."""
+    phase = "backward" if "transpose(jvp(" in source else "forward" if "jvp(" in source else "step"
+    if phase == "step":
+        return "optimizer, losses, rest"
+    if "Dropout" in source:
+        kind = "dropout (random bits, mask)"
+    elif re.search(r"/(dense|query|key|value)/(dot_general|transpose)", source):
+        kind = "dense matmuls (projections, feed-forward)"
+    elif "attention/self" in source and "dot_general" in source:
+        kind = "attention matmuls"
+    elif "attention/self" in source:
+        kind = "attention softmax, scale, layout"
+    elif "intermediate" in source:
+        kind = "GELU"
+    elif "LayerNorm" in source:
+        kind = "LayerNorm"
+    elif "embed" in source:
+        kind = "embeddings (gather, gradient scatter)"
+    else:
+        kind = "other model ops"
+    return f"{phase:<9}{kind}"
 
 
 def main() -> None:
@@ -127,19 +140,23 @@ def main() -> None:
         wall = time.perf_counter() - start
     per_step = {name: us / args.steps for name, us in op_times(out / "trace").items()}
     total = sum(per_step.values())
-    kinds = hlo_kinds(compiled.as_text())
+    ops = hlo_ops(compiled.as_text())
     print(
         f"traced {args.steps} steps: {wall / args.steps * 1e3:.0f} ms wall per step, "
         f"{total / 1e3:.0f} ms of XLA thread time per step"
     )
-    by_kind: dict[str, float] = collections.defaultdict(float)
+    by_category: dict[str, float] = collections.defaultdict(float)
     for name, us in per_step.items():
-        by_kind[kinds.get(name, name.split(".")[0])] += us
-    for title, table in (("operation kinds", by_kind), ("operations", per_step)):
-        print(f"\nTop {title} by thread time per step\n{'ms':>9} {'share':>6}  name")
-        for name, us in sorted(table.items(), key=lambda kv: -kv[1])[: args.top]:
-            suffix = f"  {kinds.get(name, '')}" if table is per_step else ""
-            print(f"{us / 1e3:9.2f} {us / total:6.1%}  {name}{suffix}")
+        by_category[category(ops.get(name, ("", "", "?"))[2])] += us
+    print(f"\nThread time per step by pass and kind\n{'ms':>9} {'share':>6}  pass     kind")
+    for name, us in sorted(by_category.items(), key=lambda kv: -kv[1]):
+        print(f"{us / 1e3:9.1f} {us / total:6.1%}  {name}")
+    print(f"\nTop {args.top} operations")
+    print(f"{'ms':>9} {'share':>6}  {'operation':<24}{'opcode':<8}{'shape':<22}from")
+    for name, us in sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]:
+        opcode, shape, source = ops.get(name, ("?", "?", "?"))
+        source = re.sub(r"layer_\d+", "layer_i", source).removeprefix("jit(train_step)/")
+        print(f"{us / 1e3:9.1f} {us / total:6.1%}  {name:<24}{opcode:<8}{shape[:21]:<22}{source[:80]}")
     if args.dump:
         print(f"HLO in {out / 'step.hlo.txt'}, trace in {out / 'trace'}")
 
