@@ -6,15 +6,16 @@ warm. For each it prints the seconds from the start of training to the end of st
 total, and the seconds JAX spent compiling (XLA's backend compilations, from ``jax.monitoring``)
 with the number of programs compiled and loaded from the cache.
 
-``--variants`` compiles the GAML train step of the model as it is, with every layer under
-``nn.remat``, and with the layers under ``nn.scan`` (one compiled layer body; stacked parameters,
-a different parameter tree: measured here only), and as it is under XLA:CPU's FAST_COMPILE
-optimisation preset ("fast-comp"); for each it prints the seconds to trace and
+``--variants`` compiles the GAML train step of the model with its layers unrolled
+(``model.scan_layers=False``), scanned (one compiled layer body, the default), scanned with every
+layer under ``nn.remat``, and unrolled under XLA:CPU's FAST_COMPILE optimisation preset; for
+each it prints the seconds to trace and
 lower, to compile, and to load the compiled program back (what a run that finds it in the
 persistent cache pays instead), then times each step (CPU seconds, alternating). XLA flags
 apply as usual, e.g. ``XLA_FLAGS=--xla_cpu_opt_preset=FAST_COMPILE``.
 
-    python bench/bench_compile.py --train --steps 20
+    python bench/bench_compile.py --train --steps 20             # the default (scanned layers)
+    python bench/bench_compile.py --train --steps 20 --unrolled  # unrolled, then scanned
     python bench/bench_compile.py --variants             # MiniLM shape, batch 32 x seq 64
     python bench/bench_compile.py --variants --quick     # batch 8 x seq 32
 """
@@ -41,7 +42,7 @@ sys.path.insert(0, str(REPO))
 # --------------------------------------------------------------------------- --train
 
 
-def _train_child(steps: int, workdir: str) -> None:
+def _train_child(steps: int, workdir: str, scan_layers: bool) -> None:
     """One short training run in this process; prints a JSON line of its timings."""
     start = time.perf_counter()
     import jax
@@ -77,6 +78,7 @@ def _train_child(steps: int, workdir: str) -> None:
     config = configs.default.get_config()
     config.train.num_train_steps = steps
     config.train.log_every = steps
+    config.model.scan_layers = scan_layers
     train_start = time.perf_counter()
     trainer.train_and_evaluate(config, workdir)
     end = time.perf_counter()
@@ -96,79 +98,34 @@ def _train_child(steps: int, workdir: str) -> None:
     )
 
 
-def bench_train(steps: int) -> None:
-    cache = tempfile.mkdtemp(prefix="gaml-xla-cache-")
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, PYTHONPATH=str(REPO))
-    print(f"train.py's default run, {steps} steps, cache {cache}")
-    print(f"{'run':<6}{'to step 1 s':>12}{'train s':>9}{'compile s':>11}{'compiled':>10}{'cache hits':>12}")
-    for run in ("cold", "warm"):
-        with tempfile.TemporaryDirectory(prefix="gaml-workdir-") as workdir:
-            out = subprocess.run(
-                [sys.executable, __file__, "--train-child", "--steps", str(steps), "--workdir", workdir],
-                env=env,
-                capture_output=True,
-                text=True,
-                check=False,
+def bench_train(steps: int, forms: tuple[str, ...]) -> None:
+    print(f"train.py's default run, {steps} steps; each form: a new cache folder, cold then warm")
+    header = f"{'to step 1 s':>12}{'train s':>9}{'compile s':>11}{'compiled':>10}{'cache hits':>12}"
+    print(f"{'layers':<9}{'run':<6}{header}")
+    for form in forms:
+        cache = tempfile.mkdtemp(prefix="gaml-xla-cache-")
+        env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, PYTHONPATH=str(REPO))
+        for run in ("cold", "warm"):
+            with tempfile.TemporaryDirectory(prefix="gaml-workdir-") as workdir:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--train-child", "--steps", str(steps), "--workdir", workdir]
+                    + (["--unrolled"] if form == "unrolled" else []),
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+            if out.returncode:
+                sys.exit(f"{form} {run} run failed:\n{out.stderr[-3000:]}")
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(
+                f"{form:<9}{run:<6}{r['to_step_1_s']:12.1f}{r['train_s']:9.1f}{r['compile_s']:11.1f}"
+                f"{r['compiled']:10d}{r['cache_hits']:12d}",
+                flush=True,
             )
-        if out.returncode:
-            sys.exit(f"{run} run failed:\n{out.stderr[-3000:]}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(
-            f"{run:<6}{r['to_step_1_s']:12.1f}{r['train_s']:9.1f}{r['compile_s']:11.1f}"
-            f"{r['compiled']:10d}{r['cache_hits']:12d}"
-        )
 
 
 # --------------------------------------------------------------------------- --variants
-
-
-def scanned_model(config):
-    """The multi-exit BERT with its layers under ``nn.scan``: one layer body, stacked parameters."""
-    import flax.linen as nn
-    import jax.numpy as jnp
-
-    from gaml_jax import model as m
-
-    class ScanBody(nn.Module):
-        config: m.ModelConfig
-        deterministic: bool
-
-        @nn.compact
-        def __call__(self, hidden, bias):
-            hidden = m.BertLayer(self.config, name="layer")(hidden, bias, self.deterministic)
-            return hidden, hidden[:, 0]  # carry, and the [CLS] state every exit reads
-
-    class ScannedBert(nn.Module):
-        config: m.ModelConfig
-
-        @nn.compact
-        def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic=True):
-            cfg = self.config
-            if attention_mask is None:
-                attention_mask = jnp.ones_like(input_ids)
-            if token_type_ids is None:
-                token_type_ids = jnp.zeros_like(input_ids)
-            hidden = m.BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
-            bias = m.attention_bias(attention_mask, cfg.compute_dtype)
-            layers = nn.scan(
-                ScanBody,
-                variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=nn.broadcast,
-                length=cfg.num_hidden_layers,
-            )(cfg, deterministic, name="layers")
-            _, cls_states = layers(hidden, bias)  # [layers, batch, hidden]
-            # The shared pooler reads position 0 of [batch, seq, hidden]: every layer's [CLS] at once.
-            pooled = m.BertPooler(cfg, name="pooler")(cls_states.reshape(-1, 1, cfg.hidden_size))
-            pooled = pooled.reshape(cls_states.shape)
-            pooled = nn.Dropout(cfg.exit_dropout)(pooled, deterministic=deterministic)
-            logits = [
-                m._dense(cfg, cfg.num_labels, f"classifier_{k}")(pooled[layer - 1]).astype(jnp.float32)
-                for k, layer in enumerate(cfg.exits)
-            ]
-            return m.MultiExitOutput(logits=jnp.stack(logits))
-
-    return ScannedBert(config)
 
 
 @contextlib.contextmanager
@@ -232,18 +189,19 @@ def bench_variants(batch_size: int, seq: int, repeats: int) -> None:
         f"GAML train step, MiniLM shape, batch {batch_size} x seq {seq}; persistent cache off; "
         f"XLA_FLAGS {flags}"
     )
-    print(f"{'variant':<10}{'trace+lower s':>14}{'compile s':>11}{'load s':>8}{'HLO ops':>9}")
+    print(f"{'variant':<12}{'trace+lower s':>14}{'compile s':>11}{'load s':>8}{'HLO ops':>9}")
     runs = {}
     fast_compile = {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}  # XLA:CPU's preset
+    unrolled = MultiExitBert(config.replace(scan_layers=False))
     for name, model, context, options in (
-        ("as is", MultiExitBert(config), contextlib.nullcontext, None),
-        ("remat", MultiExitBert(config), remat_layers, None),
-        ("scan", scanned_model(config), contextlib.nullcontext, None),
-        ("fast-comp", MultiExitBert(config), contextlib.nullcontext, fast_compile),
+        ("unrolled", unrolled, contextlib.nullcontext, None),
+        ("scan", MultiExitBert(config), contextlib.nullcontext, None),  # the default
+        ("scan+remat", MultiExitBert(config), remat_layers, None),
+        ("unroll+fast", unrolled, contextlib.nullcontext, fast_compile),
     ):
         with context():
             compiled, state, lowered_s, compile_s, load_s, ops = compile_step(model, batch, rng, seq, options)
-        print(f"{name:<10}{lowered_s:14.1f}{compile_s:11.1f}{load_s:8.1f}{ops:9d}", flush=True)
+        print(f"{name:<12}{lowered_s:14.1f}{compile_s:11.1f}{load_s:8.1f}{ops:9d}", flush=True)
         holder = {"state": state}
 
         def run(compiled=compiled, holder=holder):
@@ -258,7 +216,7 @@ def bench_variants(batch_size: int, seq: int, repeats: int) -> None:
             start = time.process_time()
             run()
             times[name].append(time.process_time() - start)
-    base = statistics.median(times["as is"])
+    base = statistics.median(times["unrolled"])
     print(
         "step CPU seconds (median, alternating): "
         + ", ".join(
@@ -276,16 +234,19 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="Compile time of remat and scan.")
     parser.add_argument("--quick", action="store_true", help="--variants at batch 8 x seq 32, 2 repeats.")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--unrolled", action="store_true", help="--train: the unrolled layers too (scan_layers=False), first."
+    )
     parser.add_argument("--train-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.train_child:
-        _train_child(args.steps, args.workdir)
+        _train_child(args.steps, args.workdir, scan_layers=not args.unrolled)
         return
     if not (args.train or args.variants):
         parser.error("give --train and/or --variants")
     if args.train:
-        bench_train(args.steps)
+        bench_train(args.steps, ("unrolled", "scan") if args.unrolled else ("scan",))
     if args.variants:
         bench_variants(8 if args.quick else 32, 32 if args.quick else 64, 2 if args.quick else 3)
 

@@ -64,6 +64,9 @@ class ModelConfig:
     exit_pooling: str = "cls"  # "cls" or "mean" (``load_pretrained`` resolves "auto" to one).
     exit_pooler_dense: bool = True  # The pooler's dense + tanh after the pooling.
     dtype: str = "float32"  # Compute dtype; parameters always stay float32.
+    # The full forward runs the layers as one lax.scan (one compiled layer body) rather than an
+    # unrolled loop; the same numbers and parameter tree either way (see MultiExitBert._encode).
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.exit_layers is not None:
@@ -87,6 +90,8 @@ class ModelConfig:
                 f"exit_pooling must be one of {EXIT_POOLINGS}, got {self.exit_pooling!r} "
                 "('auto' is resolved from the checkpoint by load_pretrained)."
             )
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"scan_layers must be True or False, got {self.scan_layers!r}.")
         if not isinstance(self.exit_pooler_dense, bool):
             raise ValueError(f"exit_pooler_dense must be True or False, got {self.exit_pooler_dense!r}.")
         if self.dtype not in ("float32", "bfloat16", "float16"):

@@ -251,6 +251,39 @@ class MultiExitBert(nn.Module):
         pooled = self.exit_dropout(pooled, deterministic=deterministic)
         return self.classifiers[exit_index](pooled).astype(jnp.float32)
 
+    def _encode(self, hidden: Array, bias: Array, deterministic: bool) -> list[Array]:
+        """Every layer's output. Each layer is applied as a pure function of its own ``layer_{i}``
+        parameters and its own dropout key (one split of the ``dropout`` stream per layer), so
+        the two forms compute the same thing: a Python loop, or (``config.scan_layers``) one
+        ``lax.scan`` over the layers' parameters stacked inside the step, which compiles one
+        layer body instead of L and keeps the parameter tree per layer (checkpoints, weight
+        conversion and the early-exit runner see no difference)."""
+        cfg = self.config
+        count = cfg.num_hidden_layers
+        body = BertLayer(cfg, parent=None)
+        per_layer = [self.variables["params"][names.layer(i)] for i in range(count)]
+        keys = None if deterministic else jax.random.split(self.make_rng("dropout"), count)
+
+        def apply(params, hidden: Array, key: Array | None) -> Array:
+            rngs = None if key is None else {"dropout": key}
+            return body.apply({"params": params}, hidden, bias, deterministic, rngs=rngs)
+
+        if not cfg.scan_layers:
+            outputs = []
+            for i, params in enumerate(per_layer):
+                hidden = apply(params, hidden, None if keys is None else keys[i])
+                outputs.append(hidden)
+            return outputs
+
+        def step(hidden: Array, layer: tuple) -> tuple[Array, Array]:
+            params, key = layer
+            hidden = apply(params, hidden, key)
+            return hidden, hidden
+
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_layer)
+        _, outputs = jax.lax.scan(step, hidden, (stacked, keys))
+        return list(outputs)
+
     def __call__(
         self,
         input_ids: Array,
@@ -261,16 +294,22 @@ class MultiExitBert(nn.Module):
     ) -> MultiExitOutput:
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        hidden = self.embed(input_ids, token_type_ids, deterministic)
+        embedded = hidden = self.embed(input_ids, token_type_ids, deterministic)
         bias = attention_bias(attention_mask, self.config.compute_dtype)
+        if self.is_initializing():  # creates the ``layer_{i}`` parameters
+            layer_outputs = []
+            for layer in self.layers:
+                hidden = layer(hidden, bias, deterministic)
+                layer_outputs.append(hidden)
+        else:
+            layer_outputs = self._encode(embedded, bias, deterministic)
         exit_of_layer = {layer: k for k, layer in enumerate(self.config.exits)}
-        hidden_states, logits = [hidden], []
-        for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, bias, deterministic)
-            hidden_states.append(hidden)
-            if i + 1 in exit_of_layer:
-                logits.append(self.exit(exit_of_layer[i + 1], hidden, attention_mask, deterministic))
+        logits = [
+            self.exit(exit_of_layer[i + 1], hidden, attention_mask, deterministic)
+            for i, hidden in enumerate(layer_outputs)
+            if i + 1 in exit_of_layer
+        ]
         return MultiExitOutput(
             logits=jnp.stack(logits),
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            hidden_states=(embedded, *layer_outputs) if output_hidden_states else None,
         )

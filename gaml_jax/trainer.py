@@ -52,10 +52,11 @@ PARALLEL_FORMS = ("shard_map", "pmap")
 
 # Fields a resumed run may change: they alter neither the data, the model nor the updates, only how
 # often the run logs and checkpoints, where tokens are cached, how dev batches are cut, and how the
-# same step is parallelised or differentiated.
+# same step is parallelised, differentiated or compiled (scanned or unrolled layers).
 RESUMABLE_CHANGES = frozenset(
     {
         "data.cache_dir",
+        "model.scan_layers",
         "train.log_every",
         "train.checkpoint_every",
         "train.keep_checkpoints",

@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from gaml_jax import MultiExitBert  # noqa: E402
+from gaml_jax import MultiExitBert, names  # noqa: E402
 from gaml_jax.weights import load_pretrained, load_tokenizer  # noqa: E402
 
 F32_TOL = 1e-4  # max abs error, float32 against PyTorch float32
@@ -152,8 +152,9 @@ def _random_classifiers(params, config, seed: int):
     return params
 
 
-def test_hidden_states_match_torch(case):
-    model, params = load_pretrained(case.folder)
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_hidden_states_match_torch(case, scan_layers):
+    model, params = load_pretrained(case.folder, scan_layers=scan_layers)
     out = _apply(model, params, case.batch)
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
     errors = [
@@ -184,6 +185,49 @@ def test_exit_logits_match_numpy_reference(case):
         np.testing.assert_allclose(logits[k], expected, rtol=0, atol=F32_TOL)
 
 
+def test_scanned_layers_compute_what_the_unrolled_loop_computes(tiny):
+    """Training mode (dropout on): the same logits, hidden states and gradients, so switching
+    ``scan_layers`` (compile time only) changes no run; the parameter tree stays per layer."""
+    scanned, params = load_pretrained(tiny.folder, exit_pooling="mean")
+    unrolled = MultiExitBert(scanned.config.replace(scan_layers=False))
+    assert scanned.config.scan_layers and names.layer(2) in params
+    params = _random_classifiers(params, scanned.config, seed=3)
+    batch = tiny.batch
+
+    def forward(model, params):
+        return model.apply(
+            {"params": params},
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["token_type_ids"],
+            deterministic=False,
+            output_hidden_states=True,
+            rngs={"dropout": jax.random.key(7)},
+        )
+
+    def loss(params, model):
+        return jnp.sum(forward(model, params).logits ** 2)
+
+    ours, reference = forward(scanned, params), forward(unrolled, params)
+    np.testing.assert_allclose(ours.logits, reference.logits, rtol=0, atol=1e-5)
+    for a, b in zip(ours.hidden_states, reference.hidden_states, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    # Dropout is on: the same masks in both forms, and not the deterministic forward.
+    plain = scanned.apply(
+        {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+    )
+    assert np.abs(np.asarray(ours.logits) - np.asarray(plain.logits)).max() > 1e-3
+    grads, reference_grads = jax.grad(loss)(params, scanned), jax.grad(loss)(params, unrolled)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    # float32 sums in another order: errors relative to the leaf, and to the largest gradient for
+    # leaves whose true gradient is zero (the key bias: softmax ignores a shift shared by all keys).
+    largest = max(float(np.abs(r).max()) for r in jax.tree.leaves(reference_grads))
+    pairs = zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(reference_grads), strict=True)
+    for (path, g), r in pairs:
+        atol = 1e-5 * float(np.abs(r).max()) + 1e-7 * largest
+        np.testing.assert_allclose(g, r, rtol=0, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
 def test_layer_by_layer_path_gives_call_logits(tiny):
     model, params = load_pretrained(tiny.folder)
     params = _random_classifiers(params, model.config, seed=2)
@@ -193,11 +237,12 @@ def test_layer_by_layer_path_gives_call_logits(tiny):
     for i in range(model.config.num_hidden_layers):  # An exit after every layer: exit i reads layer i.
         hidden = model.apply(variables, i, hidden, batch["attention_mask"], method=MultiExitBert.layer)
         stepwise.append(model.apply(variables, i, hidden, batch["attention_mask"], method=MultiExitBert.exit))
-    # Both paths eager, so the same float32 operations in the same order.
+    # The full forward scans the layers (a compiled body), the stepwise path runs eagerly: the
+    # same float32 maths with other fusions, so a few ulps of these O(1-10) logits apart.
     logits = model.apply(
         variables, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
     ).logits
-    np.testing.assert_allclose(np.stack(stepwise), logits, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.stack(stepwise), logits, rtol=0, atol=1e-5)
 
 
 def test_per_exit_poolers_on_a_subset_of_layers(tiny):
