@@ -7,15 +7,15 @@ total, and the seconds JAX spent compiling (XLA's backend compilations, from ``j
 with the number of programs compiled and loaded from the cache.
 
 ``--variants`` compiles the GAML train step of the model with its layers unrolled
-(``model.scan_layers=False``), scanned (one compiled layer body, the default), scanned with every
+(the default), scanned (``model.scan_layers=True``: one compiled layer body), scanned with every
 layer under ``nn.remat``, and unrolled under XLA:CPU's FAST_COMPILE optimisation preset; for
 each it prints the seconds to trace and
 lower, to compile, and to load the compiled program back (what a run that finds it in the
 persistent cache pays instead), then times each step (CPU seconds, alternating). XLA flags
 apply as usual, e.g. ``XLA_FLAGS=--xla_cpu_opt_preset=FAST_COMPILE``.
 
-    python bench/bench_compile.py --train --steps 20             # the default (scanned layers)
-    python bench/bench_compile.py --train --steps 20 --unrolled  # unrolled, then scanned
+    python bench/bench_compile.py --train --steps 20          # the default config
+    python bench/bench_compile.py --train --steps 20 --scan   # it, then with model.scan_layers=True
     python bench/bench_compile.py --variants             # MiniLM shape, batch 32 x seq 64
     python bench/bench_compile.py --variants --quick     # batch 8 x seq 32
 """
@@ -109,7 +109,7 @@ def bench_train(steps: int, forms: tuple[str, ...]) -> None:
             with tempfile.TemporaryDirectory(prefix="gaml-workdir-") as workdir:
                 out = subprocess.run(
                     [sys.executable, __file__, "--train-child", "--steps", str(steps), "--workdir", workdir]
-                    + (["--unrolled"] if form == "unrolled" else []),
+                    + (["--scan"] if form == "scan" else []),
                     env=env,
                     capture_output=True,
                     text=True,
@@ -157,7 +157,7 @@ def compile_step(model, batch, rng, seq: int, compiler_options: dict | None = No
         method="gaml", total_steps=1000, learning_rate=2e-5, exit_learning_rate=2e-4, warmup_steps=10
     )
     state = create_train_state(params, tx)
-    step = jax.jit(functools.partial(train_step, model=model, tx=tx, method="gaml"), donate_argnums=0)
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
     start = time.perf_counter()
     lowered = step.lower(state, batch, rng)
     lowered_s = time.perf_counter() - start
@@ -192,11 +192,11 @@ def bench_variants(batch_size: int, seq: int, repeats: int) -> None:
     print(f"{'variant':<12}{'trace+lower s':>14}{'compile s':>11}{'load s':>8}{'HLO ops':>9}")
     runs = {}
     fast_compile = {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}  # XLA:CPU's preset
-    unrolled = MultiExitBert(config.replace(scan_layers=False))
+    unrolled, scanned = MultiExitBert(config), MultiExitBert(config.replace(scan_layers=True))
     for name, model, context, options in (
-        ("unrolled", unrolled, contextlib.nullcontext, None),
-        ("scan", MultiExitBert(config), contextlib.nullcontext, None),  # the default
-        ("scan+remat", MultiExitBert(config), remat_layers, None),
+        ("unrolled", unrolled, contextlib.nullcontext, None),  # the default
+        ("scan", scanned, contextlib.nullcontext, None),
+        ("scan+remat", scanned, remat_layers, None),
         ("unroll+fast", unrolled, contextlib.nullcontext, fast_compile),
     ):
         with context():
@@ -235,18 +235,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="--variants at batch 8 x seq 32, 2 repeats.")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument(
-        "--unrolled", action="store_true", help="--train: the unrolled layers too (scan_layers=False), first."
+        "--scan", action="store_true", help="--train: then again with the layers scanned (scan_layers=True)."
     )
     parser.add_argument("--train-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.train_child:
-        _train_child(args.steps, args.workdir, scan_layers=not args.unrolled)
+        _train_child(args.steps, args.workdir, scan_layers=args.scan)
         return
     if not (args.train or args.variants):
         parser.error("give --train and/or --variants")
     if args.train:
-        bench_train(args.steps, ("unrolled", "scan") if args.unrolled else ("scan",))
+        bench_train(args.steps, ("unrolled", "scan") if args.scan else ("unrolled",))
     if args.variants:
         bench_variants(8 if args.quick else 32, 32 if args.quick else 64, 2 if args.quick else 3)
 

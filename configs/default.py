@@ -81,8 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.exit_pooling = "auto"
     model.exit_pooler_dense = True  # The pooler's dense + tanh on the pooled vector.
     model.dtype = "auto"  # Compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU. Params stay float32.
-    # Run the layers as one lax.scan (one compiled layer body: about half the compile time) or unrolled.
-    model.scan_layers = True
+    # Training runs the layers as one lax.scan (one compiled layer body) or unrolled; inference unrolled.
+    # Off: on CPU it compiled no faster and stepped 7% slower (README, Performance).
+    model.scan_layers = False
     model.hidden_dropout_prob = config_dict.placeholder(float)  # None: the checkpoint's value.
     model.attention_probs_dropout_prob = config_dict.placeholder(float)  # None: the checkpoint's value.
 

@@ -1,0 +1,54 @@
+"""The benchmark scripts still run against the library (tiny shapes). Their timings are not
+tested; what is: the compile-time variants build the same GAML step (scanned, unrolled, remat),
+and both sides of the PyTorch comparison take a step."""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import numpy as np
+
+from bench import bench_compile, bench_vs_torch
+from gaml_jax.config import ModelConfig
+from gaml_jax.model import MultiExitBert
+
+TINY = ModelConfig(
+    vocab_size=1100,  # make_batch draws word pieces from 1000 up
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=32,
+)
+BATCH, SEQ = 4, 16
+
+
+def test_compile_variants_take_the_same_gaml_step():
+    batch = jax.device_put(bench_vs_torch.make_batch(BATCH, SEQ, TINY.vocab_size))
+    rng = jax.random.key(0)
+    unrolled, scanned = MultiExitBert(TINY), MultiExitBert(TINY.replace(scan_layers=True))
+    metrics = {}
+    for name, model, context in (
+        ("unrolled", unrolled, contextlib.nullcontext),
+        ("scan", scanned, contextlib.nullcontext),
+        ("scan+remat", scanned, bench_compile.remat_layers),
+    ):
+        with context():
+            compiled, state, _, _, _, ops = bench_compile.compile_step(model, batch, rng, SEQ)
+        assert ops > 0
+        _, metrics[name] = jax.device_get(compiled(state, batch, rng))
+    # Dropout is on in the step: the same keys per layer in every form, so the same losses and
+    # gradient norms (float32 sums in other orders aside).
+    for name in ("scan", "scan+remat"):
+        for key in ("ce", "kd", "grad_norm_ce"):
+            np.testing.assert_allclose(metrics[name][key], metrics["unrolled"][key], rtol=1e-5, err_msg=name)
+
+
+def test_both_sides_of_the_torch_comparison_step():
+    batch = bench_vs_torch.make_batch(BATCH, SEQ, TINY.vocab_size)
+    params = MultiExitBert(TINY).init(jax.random.key(0), batch["input_ids"])["params"]
+    for method in ("ce", "gaml"):
+        bench_vs_torch.jax_step(TINY, params, method, jax.device_put(batch))()
+    bench_vs_torch.torch_step(TINY, bench_vs_torch.TorchSide("float32"), batch)()
+    bench_vs_torch.jax_forward(TINY, params, batch)()
