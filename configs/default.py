@@ -104,7 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
     train.kd_weight = 1.0  # lambda: weight of the mutual-learning (KD) gradient.
     train.temperature = 1.0  # T of the mutual-learning KL (the loss is scaled by T^2).
     train.per_tensor_alignment = False  # Align per parameter tensor instead of over the whole model.
-    train.exit_weighting = "layer"  # CE weight of exit i: "layer" (= its layer number) or "uniform".
+    # CE weight of exit i: "uniform" (1) or "layer" (its layer number: the paper's line of work).
+    # Uniform: over 3 seeds, +0.9 points at 3x fewer layers and level at 2x (README, the ablation).
+    train.exit_weighting = "uniform"
     train.grad_mode = "vjp"  # vjp: one forward, two pull-backs; grad: two jax.grad calls (bench/).
     train.parallel = "shard_map"  # Data parallel: shard_map (jit over a mesh, multi-host) or pmap (one host).
     train.learning_rate = 1e-4  # Peak learning rate of the encoder (the authors' code: 2e-5 on BERT-base).
