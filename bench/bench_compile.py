@@ -9,9 +9,10 @@ with the number of programs compiled and loaded from the cache.
 ``--variants`` compiles the GAML train step of the model with its layers unrolled
 (the default), scanned (``model.scan_layers=True``: one compiled layer body), scanned with every
 layer under ``nn.remat``, and unrolled under XLA:CPU's FAST_COMPILE optimisation preset; for
-each it prints the seconds to trace and
-lower, to compile, and to load the compiled program back (what a run that finds it in the
-persistent cache pays instead), then times each step (CPU seconds, alternating). XLA flags
+each it prints the seconds to trace and lower, to compile, and to load the compiled program back
+(what a run that finds it in the persistent cache pays instead), then times each step (CPU
+seconds, alternating). (The variant with the layers' parameters stored stacked, under ``nn.scan``,
+is in this file at commit d7b7471.) XLA flags
 apply as usual, e.g. ``XLA_FLAGS=--xla_cpu_opt_preset=FAST_COMPILE``.
 
     python bench/bench_compile.py --train --steps 20          # the default config
