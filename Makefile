@@ -45,8 +45,8 @@ bench: setup-test
 	$(BIN)/python bench/bench_vs_torch.py --quick
 	$(BIN)/python bench/bench_compile.py --variants --quick
 
-# CE, ML and GAML over seeds 0-2 on the default, scored on a held-out test split (about an hour
-# on a CPU; resumable). Writes workdirs/ablation/{ablation.csv,ablation.md,ablation.png}.
+# CE, ML and GAML (layer weights) and GAML with uniform weights (the default) over seeds 0-2,
+# scored on a held-out test split (about two hours on 2 CPU cores; resumable). Writes workdirs/ablation/{ablation.csv,ablation.md,ablation.png}.
 ablation: setup
 	$(BIN)/python bench/ablation.py --out workdirs/ablation
 

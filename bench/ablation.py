@@ -1,8 +1,8 @@
 """The training recipe measured over seeds: CE, ML, GAML and named variants, each run scored at
 all layers and with early exit at 1.5x, 2x and 3x fewer layers on a held-out test split.
 
-    python bench/ablation.py                                  # ce, ml, gaml x seeds 0,1,2
-    python bench/ablation.py --variants gaml_cls,gaml_uniform --seeds 0,1,2
+    python bench/ablation.py                                  # ce, ml, gaml, gaml_uniform x seeds 0,1,2
+    python bench/ablation.py --variants gaml_cls,gaml_2epochs --seeds 0,1,2
     python bench/ablation.py --quick --out /tmp/ablation      # the tiny model, a minute (tests)
     make ablation
 

@@ -259,8 +259,8 @@ class MultiExitBert(nn.Module):
         inside the step. The scan compiles one layer body instead of L and keeps the parameter
         tree per layer (checkpoints, weight conversion and the early-exit runner see no
         difference). Inference stays unrolled: stacking copies every layer's weights on each
-        call, which at batch 1 costs more than the layers themselves (MiniLM, 1 x 32 tokens, CPU:
-        86.9 ms scanned against 36.6 ms unrolled), while a training step amortises it."""
+        call, which at batch 1 costs more than the layers themselves (MiniLM, 1 x 32 tokens, a busy
+        2-core CPU: 86.9 ms scanned against 36.6 ms unrolled), while a training step amortises it."""
         cfg = self.config
         count = cfg.num_hidden_layers
         body = BertLayer(cfg, parent=None)
