@@ -7,8 +7,10 @@ total, and the seconds JAX spent compiling (XLA's backend compilations, from ``j
 with the number of programs compiled and loaded from the cache.
 
 ``--variants`` compiles the GAML train step of the model with its layers unrolled
-(the default), scanned (``model.scan_layers=True``: one compiled layer body), scanned with every
-layer under ``nn.remat``, and unrolled under XLA:CPU's FAST_COMPILE optimisation preset; for
+(the default), with the optimizer chain per tensor rather than on flat vectors (``tree-opt``:
+``make_optimizer(flat=False)``, the form before the flat one), scanned
+(``model.scan_layers=True``: one compiled layer body), scanned with every layer under
+``nn.remat``, and unrolled under XLA:CPU's FAST_COMPILE optimisation preset; for
 each it prints the seconds to trace and lower, to compile, and to load the compiled program back
 (what a run that finds it in the persistent cache pays instead), then times each step (CPU
 seconds, alternating). (The variant with the layers' parameters stored stacked, under ``nn.scan``,
@@ -145,8 +147,9 @@ def remat_layers():
         m.BertLayer = original
 
 
-def compile_step(model, batch, rng, seq: int, compiler_options: dict | None = None):
-    """Traces and compiles the GAML step of ``model``: (compiled, state, trace s, compile s, load s, ops)."""
+def compile_step(model, batch, rng, seq: int, compiler_options: dict | None = None, flat: bool = True):
+    """Traces and compiles the GAML step of ``model`` (its optimizer on flat vectors, the default,
+    or per tensor): (compiled, state, trace s, compile s, load s, ops)."""
     import jax
     import jax.numpy as jnp
     from jax.experimental.serialize_executable import deserialize_and_load, serialize
@@ -155,7 +158,12 @@ def compile_step(model, batch, rng, seq: int, compiler_options: dict | None = No
 
     params = model.init(jax.random.key(0), jnp.ones((1, seq), jnp.int32))["params"]
     tx = make_optimizer(
-        method="gaml", total_steps=1000, learning_rate=2e-5, exit_learning_rate=2e-4, warmup_steps=10
+        method="gaml",
+        total_steps=1000,
+        learning_rate=2e-5,
+        exit_learning_rate=2e-4,
+        warmup_steps=10,
+        flat=flat,
     )
     state = create_train_state(params, tx)
     step = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
@@ -194,14 +202,17 @@ def bench_variants(batch_size: int, seq: int, repeats: int) -> None:
     runs = {}
     fast_compile = {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}  # XLA:CPU's preset
     unrolled, scanned = MultiExitBert(config), MultiExitBert(config.replace(scan_layers=True))
-    for name, model, context, options in (
-        ("unrolled", unrolled, contextlib.nullcontext, None),  # the default
-        ("scan", scanned, contextlib.nullcontext, None),
-        ("scan+remat", scanned, remat_layers, None),
-        ("unroll+fast", unrolled, contextlib.nullcontext, fast_compile),
+    for name, model, context, options, flat in (
+        ("unrolled", unrolled, contextlib.nullcontext, None, True),  # the default
+        ("tree-opt", unrolled, contextlib.nullcontext, None, False),  # the optimizer per tensor
+        ("scan", scanned, contextlib.nullcontext, None, True),
+        ("scan+remat", scanned, remat_layers, None, True),
+        ("unroll+fast", unrolled, contextlib.nullcontext, fast_compile, True),
     ):
         with context():
-            compiled, state, lowered_s, compile_s, load_s, ops = compile_step(model, batch, rng, seq, options)
+            compiled, state, lowered_s, compile_s, load_s, ops = compile_step(
+                model, batch, rng, seq, options, flat=flat
+            )
         print(f"{name:<12}{lowered_s:14.1f}{compile_s:11.1f}{load_s:8.1f}{ops:9d}", flush=True)
         holder = {"state": state}
 

@@ -65,6 +65,10 @@ class _LatestAndProtected:
         return [i >= first_kept or c.step in self.protected for i, c in enumerate(checkpoints)]
 
 
+class LayoutError(ValueError):
+    """A checkpoint whose trees (parameters, optimizer state) are not those the code builds."""
+
+
 class Checkpointer:
     """Saves and restores ``(params, opt_state)`` by step; keeps the last ``keep`` and the best."""
 
@@ -125,7 +129,15 @@ class Checkpointer:
         items = {"params": ocp.args.StandardRestore(_abstract(params))}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state))
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except ValueError as error:
+            if "structures do not match" not in str(error):  # orbax's words for another tree
+                raise
+            raise LayoutError(
+                f"the checkpoint at step {step} in {self.workdir} holds parameters or an optimizer "
+                "state structured otherwise than this code builds them"
+            ) from error
         return restored["params"], restored.get("opt_state") if opt_state is not None else None
 
     def close(self) -> None:

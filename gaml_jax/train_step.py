@@ -69,6 +69,64 @@ def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int) -> 
     )
 
 
+def flatten_by_group(
+    inner: optax.GradientTransformationExtraArgs, group: Callable[[tuple, jax.Array], str]
+) -> optax.GradientTransformationExtraArgs:
+    """``inner`` applied to a few flat vectors instead of a tree of ~100 tensors.
+
+    Each tree (the updates, the parameters, and every extra argument such as ``kd_grads``) is
+    cut into groups by ``group(path, leaf)`` and each group's leaves are concatenated, in tree
+    order, into one vector: ``{group: vector}``. ``inner`` sees that dict (its labels and masks
+    must be written for its keys), and its updates are cut back into the tree's shapes and dtypes.
+    The arithmetic is that of ``inner`` on the tree, element by element, with global reductions
+    summed in another order. Why: every per-tensor operation of the chain (inner products, norms,
+    the AdamW moments) is emitted once per group rather than once per tensor, which halves the
+    compiled step (fewer HLO operations to compile and to load from the cache) at no cost in the
+    step's speed. The optimizer state holds one vector per group and moment.
+    """
+
+    def layout(tree: PyTree) -> tuple[dict[str, list[int]], list]:
+        with_paths, _ = jax.tree_util.tree_flatten_with_path(tree)
+        groups: dict[str, list[int]] = {}
+        for i, (path, leaf) in enumerate(with_paths):
+            groups.setdefault(group(path, leaf), []).append(i)
+        return groups, [leaf for _, leaf in with_paths]
+
+    def ravel(tree: PyTree) -> dict[str, jax.Array]:
+        groups, leaves = layout(tree)
+        return {
+            key: jnp.concatenate([jnp.ravel(leaves[i]) for i in indices]) for key, indices in groups.items()
+        }
+
+    def unravel(vectors: dict[str, jax.Array], like: PyTree) -> PyTree:
+        groups, leaves = layout(like)
+        out = list(leaves)
+        for key, indices in groups.items():
+            sizes = [int(np.prod(leaves[i].shape)) for i in indices]
+            pieces = jnp.split(vectors[key], np.cumsum(sizes)[:-1])
+            for i, piece in zip(indices, pieces, strict=True):
+                out[i] = piece.reshape(leaves[i].shape).astype(leaves[i].dtype)
+        return jax.tree.unflatten(jax.tree.structure(like), out)
+
+    def init_fn(params: optax.Params) -> optax.OptState:
+        return inner.init(ravel(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        extra = {k: ravel(v) if v is not None else v for k, v in extra_args.items()}
+        flat_params = None if params is None else ravel(params)
+        flat_updates, state = inner.update(ravel(updates), state, flat_params, **extra)
+        return unravel(flat_updates, updates), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _group(path: tuple, leaf: jax.Array) -> str:
+    """The flat optimizer's groups: exit classifiers or encoder (their own learning rates), with or
+    without weight decay."""
+    rate = "exits" if _is_exit_classifier(path) else "encoder"
+    return f"{rate}/{'decay' if _decays(path, leaf) else 'no_decay'}"
+
+
 def make_optimizer(
     *,
     method: str,
@@ -80,22 +138,36 @@ def make_optimizer(
     grad_clip_norm: float = 1.0,
     kd_weight: float = 1.0,
     per_tensor_alignment: bool = False,
+    flat: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """GA (for ``ml``/``gaml``), global-norm clipping, then AdamW with its own rate for the exits.
 
     ``method="ce"`` has no GA link: :func:`train_step` then computes no KD gradient at all.
+    ``flat`` (default: unless ``per_tensor_alignment``) runs the chain on a few flat vectors
+    (:func:`flatten_by_group`): the same updates, a compiled step half the size, and an optimizer
+    state of one vector per group, so checkpoints of the two forms do not restore into each other.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown training method {method!r}; choose one of {METHODS}.")
+    # The chain runs on one vector per (exits | encoder, decay | no decay) group (see
+    # flatten_by_group), unless flat=False. Per-tensor alignment needs the tensors: it keeps the tree.
+    if flat and per_tensor_alignment:
+        raise ValueError("per_tensor_alignment aligns each tensor: it needs flat=False (or None).")
+    flat = not per_tensor_alignment if flat is None else flat
+
+    def decays(params: PyTree) -> PyTree:
+        if flat:
+            return {key: key.endswith("/decay") for key in params}
+        return jax.tree_util.tree_map_with_path(_decays, params)
 
     def adamw(peak: float) -> optax.GradientTransformation:
         return optax.adamw(
-            learning_rate_schedule(peak, warmup_steps, total_steps),
-            weight_decay=weight_decay,
-            mask=lambda params: jax.tree_util.tree_map_with_path(_decays, params),
+            learning_rate_schedule(peak, warmup_steps, total_steps), weight_decay=weight_decay, mask=decays
         )
 
     def labels(params: PyTree) -> PyTree:
+        if flat:
+            return {key: key.split("/")[0] for key in params}
         return jax.tree_util.tree_map_with_path(
             lambda path, _: "exits" if _is_exit_classifier(path) else "encoder", params
         )
@@ -108,7 +180,8 @@ def make_optimizer(
     links.append(
         optax.multi_transform({"encoder": adamw(learning_rate), "exits": adamw(exit_learning_rate)}, labels)
     )
-    return optax.chain(*links)
+    chain = optax.chain(*links)
+    return flatten_by_group(chain, _group) if flat else chain
 
 
 def create_train_state(params: PyTree, tx: optax.GradientTransformation) -> TrainState:

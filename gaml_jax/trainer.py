@@ -24,6 +24,7 @@ from gaml_jax.checkpoints import (
     CHECKPOINT_DIR,
     RUN_CONFIG_FILE,
     Checkpointer,
+    LayoutError,
     write_json_atomic,
     write_run_metadata,
 )
@@ -327,7 +328,13 @@ def train_and_evaluate(
 
     ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
     if start_step:
-        params, opt_state = ckpt.restore(start_step, state.params, state.opt_state)
+        try:
+            params, opt_state = ckpt.restore(start_step, state.params, state.opt_state)
+        except LayoutError as error:  # e.g. a run saved before the optimizer state went flat
+            raise ConfigError(
+                f"{error}: it was written by another version of gaml-jax and cannot resume; train in a "
+                "new --workdir (eval.py and predict.py still read its parameters)."
+            ) from None
         state = TrainState(step=np.int32(start_step), params=params, opt_state=opt_state)
         if jax.process_index() == 0:
             if rewrite_config:  # allowed changes: config.json describes the run as it goes on

@@ -29,18 +29,19 @@ def test_compile_variants_take_the_same_gaml_step():
     rng = jax.random.key(0)
     unrolled, scanned = MultiExitBert(TINY), MultiExitBert(TINY.replace(scan_layers=True))
     metrics = {}
-    for name, model, context in (
-        ("unrolled", unrolled, contextlib.nullcontext),
-        ("scan", scanned, contextlib.nullcontext),
-        ("scan+remat", scanned, bench_compile.remat_layers),
+    for name, model, context, flat in (
+        ("unrolled", unrolled, contextlib.nullcontext, True),
+        ("tree-opt", unrolled, contextlib.nullcontext, False),
+        ("scan", scanned, contextlib.nullcontext, True),
+        ("scan+remat", scanned, bench_compile.remat_layers, True),
     ):
         with context():
-            compiled, state, _, _, _, ops = bench_compile.compile_step(model, batch, rng, SEQ)
+            compiled, state, _, _, _, ops = bench_compile.compile_step(model, batch, rng, SEQ, flat=flat)
         assert ops > 0
         _, metrics[name] = jax.device_get(compiled(state, batch, rng))
     # Dropout is on in the step: the same keys per layer in every form, so the same losses and
     # gradient norms (float32 sums in other orders aside).
-    for name in ("scan", "scan+remat"):
+    for name in ("tree-opt", "scan", "scan+remat"):
         for key in ("ce", "kd", "grad_norm_ce"):
             np.testing.assert_allclose(metrics[name][key], metrics["unrolled"][key], rtol=1e-5, err_msg=name)
 

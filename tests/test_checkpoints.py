@@ -111,3 +111,23 @@ def test_a_best_json_naming_a_deleted_step_says_what_to_do(tmp_path):
     write_json_atomic(tmp_path / BEST_FILE, {"step": 1, "score": 0.9})  # as older versions left it
     with pytest.raises(FileNotFoundError, match=r"names step 1, which is not in .*--checkpoint latest"):
         load_trained(tmp_path, which="best")
+
+
+def test_an_optimizer_state_of_another_layout_is_refused_in_one_line(tmp_path):
+    """A run saved with the per-tensor optimizer state (before it went flat) cannot resume into the
+    flat one: restore says so (LayoutError), and evaluation, which reads the parameters only, still works."""
+    from gaml_jax.checkpoints import LayoutError
+    from gaml_jax.train_step import make_optimizer
+
+    params = _params(1)
+    kw = dict(method="gaml", total_steps=10, learning_rate=1e-3, exit_learning_rate=1e-3, warmup_steps=1)
+    per_tensor, flat = make_optimizer(per_tensor_alignment=True, **kw), make_optimizer(**kw)
+    ckpt = Checkpointer(tmp_path)
+    try:
+        ckpt.save(1, params, per_tensor.init(params))
+        with pytest.raises(LayoutError, match="at step 1 .* optimizer state structured otherwise"):
+            ckpt.restore(1, params, flat.init(params))
+        got, _ = ckpt.restore(1, params)
+        np.testing.assert_array_equal(jax.tree.leaves(got)[0], jax.tree.leaves(params)[0])
+    finally:
+        ckpt.close()

@@ -294,3 +294,84 @@ def test_vjp_pull_backs_give_the_gradients_of_two_grad_calls_under_dropout():
         vjp, grad = _flat(grads["vjp"][name]), _flat(grads["grad"][name])
         assert np.abs(vjp).max() > 0 and not np.allclose(vjp, _flat(plain[name]), atol=1e-4)  # dropout acted
         np.testing.assert_allclose(vjp, grad, rtol=1e-5, atol=1e-6 * np.abs(grad).max())
+
+
+def _numpy_adamw_steps(params, grads_per_step, *, weight_decay, clip, rates_of):
+    """Global-norm clipping and AdamW (optax's defaults: b1 0.9, b2 0.999, eps 1e-8), in numpy on
+    each leaf: ``rates_of(path)`` gives the leaf's learning rate by update; biases and LayerNorm
+    parameters are not decayed."""
+    paths_params, treedef = jax.tree_util.tree_flatten_with_path(params)
+    p = [np.asarray(x, np.float64) for _, x in paths_params]
+    mu = [np.zeros_like(x) for x in p]
+    nu = [np.zeros_like(x) for x in p]
+    for t, grads in enumerate(grads_per_step, start=1):
+        g = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
+        norm = np.sqrt(sum((x**2).sum() for x in g))
+        g = [x * min(1.0, clip / norm) for x in g]
+        for i, (path, _) in enumerate(paths_params):
+            keys = [str(getattr(k, "key", k)) for k in path]
+            decays = not (keys[-1] == "bias" or any("LayerNorm" in k for k in keys))
+            mu[i] = 0.9 * mu[i] + 0.1 * g[i]
+            nu[i] = 0.999 * nu[i] + 0.001 * g[i] ** 2
+            update = (mu[i] / (1 - 0.9**t)) / (np.sqrt(nu[i] / (1 - 0.999**t)) + 1e-8)
+            update = update + (weight_decay * p[i] if decays else 0.0)
+            p[i] = p[i] - rates_of(keys)[t - 1] * update
+    return jax.tree.unflatten(treedef, p)
+
+
+def test_the_flat_optimizer_is_clipping_and_adamw_per_tensor_with_exit_rates_and_decay_masks():
+    """make_optimizer runs its chain on one vector per (exits | encoder, decay | no decay) group:
+    against per-leaf numpy AdamW over several steps, with weight decay on, the exits' own rate
+    and clipping that acts; and its state is a few vectors, not one entry per tensor."""
+    _, params = init_params()
+    opt = dict(OPT, weight_decay=0.1, grad_clip_norm=0.5, learning_rate=1e-2, exit_learning_rate=5e-2)
+    tx = make_optimizer(method="ce", **opt)
+    state = tx.init(params)
+    rng = np.random.default_rng(0)
+    grads_per_step = [
+        jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params) for _ in range(4)
+    ]
+    got = params
+    update = jax.jit(tx.update)
+    for grads in grads_per_step:
+        updates, state = update(grads, state, got)
+        got = optax.apply_updates(got, updates)
+    from gaml_jax.train_step import learning_rate_schedule
+
+    def rates_of(keys):
+        peak = opt["exit_learning_rate"] if keys[0].startswith("classifier") else opt["learning_rate"]
+        return np.asarray(
+            jax.vmap(learning_rate_schedule(peak, opt["warmup_steps"], opt["total_steps"]))(jnp.arange(4))
+        )
+
+    want = _numpy_adamw_steps(params, grads_per_step, weight_decay=0.1, clip=0.5, rates_of=rates_of)
+    np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-5, atol=1e-6)
+    assert np.abs(_flat(got) - _flat(params)).max() > 1e-2  # the steps really moved them
+    arrays = [x for x in jax.tree.leaves(state) if x.ndim > 0]
+    assert len(arrays) == 2 * 4 and all(x.ndim == 1 for x in arrays)  # mu and nu of each group
+    # The tree form of the same chain (flat=False) takes the same steps.
+    tree_tx = make_optimizer(method="ce", flat=False, **opt)
+    tree_state, tree_got = tree_tx.init(params), params
+    for grads in grads_per_step:
+        updates, tree_state = jax.jit(tree_tx.update)(grads, tree_state, tree_got)
+        tree_got = optax.apply_updates(tree_got, updates)
+    np.testing.assert_allclose(_flat(got), _flat(tree_got), rtol=1e-6, atol=1e-7)
+    assert len([x for x in jax.tree.leaves(tree_state) if x.ndim > 0]) == 2 * len(jax.tree.leaves(params))
+
+
+def test_per_tensor_alignment_keeps_the_tree_and_matches_whole_model_alignment_on_one_leaf():
+    """per_tensor_alignment needs the tensors: its optimizer keeps one state entry per leaf. On a
+    model of one tensor, per-tensor and whole-model alignment are the same step."""
+    params = {"layer_0": {"kernel": jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)), jnp.float32)}}
+    ce = {"layer_0": {"kernel": jnp.asarray(np.random.default_rng(2).normal(size=(5, 3)), jnp.float32)}}
+    kd = jax.tree.map(lambda g: -g + 0.1, ce)  # conflicts
+    out = {}
+    for per_tensor in (False, True):
+        tx = make_optimizer(method="gaml", per_tensor_alignment=per_tensor, **OPT)
+        state = tx.init(params)
+        for _ in range(3):
+            updates, state = tx.update(ce, state, params, kd_grads=kd)
+        out[per_tensor] = (updates, state)
+    np.testing.assert_allclose(_flat(out[True][0]), _flat(out[False][0]), rtol=1e-6, atol=1e-9)
+    tree_moment = [x for x in jax.tree.leaves(out[True][1]) if x.ndim == 2]
+    assert tree_moment and all(x.shape == (5, 3) for x in tree_moment)

@@ -215,6 +215,23 @@ def test_extend_trains_a_finished_run_longer(finished_run, tmp_path):
     assert _train_lines(tmp_path / "run")[5]["learning_rate"] == pytest.approx(1e-3 * (6 - 4) / (6 - 2))
 
 
+def test_a_run_saved_with_another_optimizer_layout_is_refused_in_one_line(
+    finished_run, tmp_path, monkeypatch
+):
+    """A workdir whose optimizer state has another structure (a run saved before the state went
+    flat) stops with one line that says to train in a new workdir; nothing in it changes."""
+    make_config, workdir, _ = finished_run
+    shutil.copytree(workdir, tmp_path / "run")
+    real = trainer.make_optimizer
+    monkeypatch.setattr(trainer, "make_optimizer", lambda **kw: real(**{**kw, "per_tensor_alignment": True}))
+    config = make_config()
+    config.train.num_train_steps = 6
+    with pytest.raises(ConfigError, match="structured otherwise") as error:
+        train_and_evaluate(config, str(tmp_path / "run"), extend=True)
+    assert "\n" not in str(error.value) and "new --workdir" in str(error.value)
+    assert Checkpointer(tmp_path / "run").latest_step() == 4
+
+
 def test_pmap_trains_what_shard_map_trains(finished_run, tmp_path, monkeypatch):
     make_config, workdir, results = finished_run
     config = make_config()
