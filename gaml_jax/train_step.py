@@ -286,13 +286,19 @@ def train_step(
         "exit_ce": exit_ce,
         "exit_correct": exit_correct,
         "count": count,
-        "grad_norm_ce": optax.tree.norm(ce_grads),
+        "grad_norm_ce": _global_norm(ce_grads),
         # Checked at log steps, before any checkpoint is written: a non-finite update is never saved.
-        "params_finite": jnp.isfinite(optax.tree.norm(params)).astype(jnp.float32),
+        "params_finite": jnp.isfinite(_global_norm(params)).astype(jnp.float32),
     }
     if with_kd:
         metrics.update(alignment_diagnostics(opt_state))
     return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def _global_norm(tree: PyTree) -> jax.Array:
+    """The float32 L2 norm of all leaves as one vector (one reduction, not one per tensor)."""
+    flat = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)])
+    return jnp.sqrt(jnp.sum(jnp.square(flat)))
 
 
 def _grad_ce_only(forward: Callable, params: PyTree):
