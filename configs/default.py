@@ -116,7 +116,9 @@ def get_config() -> ml_collections.ConfigDict:
     train.grad_clip_norm = 1.0  # Global-norm clipping after alignment; 0 disables it.
     train.batch_size = 32  # Global batch size (all devices and hosts together).
     train.eval_batch_size = 64  # Global evaluation batch size; the last batch is padded, not dropped.
-    train.num_epochs = 1  # Epochs over the train split (ignored when num_train_steps > 0).
+    # Epochs over the train split (ignored when num_train_steps > 0). Two: over 3 seeds, +1.1 points
+    # at all layers, and the early exit's loss at 3x fewer layers 1.5 points instead of 2.5 (README).
+    train.num_epochs = 2
     train.num_train_steps = 0  # Total steps; 0: num_epochs epochs.
     train.seed = 0  # Data order, dropout and classifier initialisation.
     train.log_every = 20  # Steps between train-metric lines (JSONL, TensorBoard, progress bar).
