@@ -226,10 +226,12 @@ def test_a_run_saved_with_another_optimizer_layout_is_refused_in_one_line(
     monkeypatch.setattr(trainer, "make_optimizer", lambda **kw: real(**{**kw, "per_tensor_alignment": True}))
     config = make_config()
     config.train.num_train_steps = 6
+    saved = (tmp_path / "run" / "config.json").read_text()
     with pytest.raises(ConfigError, match="structured otherwise") as error:
         train_and_evaluate(config, str(tmp_path / "run"), extend=True)
     assert "\n" not in str(error.value) and "new --workdir" in str(error.value)
     assert Checkpointer(tmp_path / "run").latest_step() == 4
+    assert (tmp_path / "run" / "config.json").read_text() == saved
 
 
 def test_pmap_trains_what_shard_map_trains(finished_run, tmp_path, monkeypatch):
