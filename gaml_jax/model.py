@@ -12,6 +12,7 @@ run layer by layer and stop.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -23,9 +24,21 @@ from gaml_jax import names
 from gaml_jax.config import ModelConfig
 
 Array = jax.Array
+_SQRT_HALF = 1 / math.sqrt(2)  # a Python float: keeps the input's dtype
+
+
+def gelu_erf(x: Array) -> Array:
+    """HF's "gelu", the exact form, written as HF writes it: ``x * 0.5 * (1 + erf(x / sqrt(2)))``.
+
+    ``jax.nn.gelu(approximate=False)`` computes the same function through ``erfc``, which XLA:CPU
+    expands into a slower polynomial: this form made the MiniLM train step 5-10% faster and a
+    batch-1 layer about 20% faster on a 2-core CPU (bench/bench_vs_torch.py), within 1e-6 of it.
+    """
+    return x * 0.5 * (1.0 + jax.lax.erf(x * _SQRT_HALF))
+
 
 _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": functools.partial(nn.gelu, approximate=False),  # HF "gelu" is the exact erf form.
+    "gelu": gelu_erf,  # HF "gelu" is the exact erf form.
     "gelu_new": functools.partial(nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
     "gelu_fast": functools.partial(nn.gelu, approximate=True),

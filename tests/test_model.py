@@ -443,3 +443,18 @@ def test_attention_dropout_keeps_padded_keys_out():
     noisy = attention.apply(variables, hidden + noise, bias, False, rngs=key)
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(noisy)[real], np.asarray(clean)[real], rtol=0, atol=1e-6)
+
+
+def test_exact_gelu_matches_torch_value_and_gradient():
+    """``hidden_act="gelu"`` (our erf form) against PyTorch's exact GELU over the range activations
+    take, its gradient included (the train step differentiates it)."""
+    from gaml_jax.model import gelu_erf
+
+    x = np.linspace(-12.0, 12.0, 20_001, dtype=np.float32)
+    tx = torch.from_numpy(x).requires_grad_(True)
+    ty = torch.nn.functional.gelu(tx, approximate="none")
+    ty.sum().backward()
+    ours, grad = jax.value_and_grad(lambda v: gelu_erf(v).sum())(jnp.asarray(x))
+    np.testing.assert_allclose(gelu_erf(jnp.asarray(x)), ty.detach().numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(grad, tx.grad.numpy(), rtol=0, atol=2e-6)
+    assert gelu_erf(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
