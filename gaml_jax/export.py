@@ -4,7 +4,7 @@
     python -m gaml_jax.export workdirs/default exported/ --criterion patience --threshold 2
 
 The program (``jax.export``, symbolic batch and sequence length) embeds the tokens, then runs
-the encoder layers in a ``lax.while_loop`` over parameters stacked [layers, ...]: at each exit
+the encoder layers in a ``lax.while_loop`` (a ``lax.switch`` picks each layer's weights): at each exit
 it applies the criterion (baked in) with the threshold (an input; the calibrated one is the
 default) and stops as soon as every example of the batch has exited, so at batch size 1 it runs
 exactly the layers early exit needs. OUT holds the serialized program, its parameters (npz), the
@@ -52,21 +52,26 @@ def exit_logits(
 
 
 def serving_params(model: MultiExitBert, params: PyTree) -> PyTree:
-    """The parameters as the program reads them: layers stacked [layers, ...] and each exit's
-    classifier (and pooler, where not shared) stacked [exits, ...], so the loop indexes them."""
+    """The parameters as the program reads them: the embeddings, a list of the layers' trees (none
+    past the last exit), and lists of the exits' classifiers (and poolers, where not shared).
+
+    Each layer keeps its own arrays, and the loop picks layer ``i`` with a ``lax.switch`` whose
+    branches read them in place: indexing weights stacked [layers, ...] copies the layer's
+    weights on every pass (MiniLM at batch 1: three layers 10.4-11.0 ms stacked, 9.2 ms switched).
+    """
     cfg = model.config
-    stack = lambda trees: jax.tree.map(lambda *x: np.stack([np.asarray(a) for a in x]), *trees)
+    tree = lambda t: jax.tree.map(np.asarray, t)
     exits = range(cfg.num_exits)
-    tree = {
-        "embeddings": jax.tree.map(np.asarray, params[names.EMBEDDINGS]),
-        "layers": stack([params[names.layer(i)] for i in range(cfg.exits[-1])]),  # none past the last exit
-        "classifiers": stack([params[names.classifier(k)] for k in exits]),
+    out = {
+        "embeddings": tree(params[names.EMBEDDINGS]),
+        "layers": [tree(params[names.layer(i)]) for i in range(cfg.exits[-1])],
+        "classifiers": [tree(params[names.classifier(k)]) for k in exits],
     }
     if cfg.exit_pooler_dense and cfg.shared_pooler:
-        tree["pooler"] = jax.tree.map(np.asarray, params[names.pooler(0, shared=True)])
+        out["pooler"] = tree(params[names.pooler(0, shared=True)])
     elif cfg.exit_pooler_dense:
-        tree["poolers"] = stack([params[names.pooler(k, shared=False)] for k in exits])
-    return tree
+        out["poolers"] = [tree(params[names.pooler(k, shared=False)]) for k in exits]
+    return out
 
 
 def early_exit_program(model: MultiExitBert, criterion: str, treedef, *, tolerance: float) -> Callable:
@@ -112,13 +117,26 @@ def early_exit_program(model: MultiExitBert, criterion: str, treedef, *, toleran
         )
         batch = input_ids.shape[0]
 
-        def exit_params(k):  # exit k's weights, named as exit 0's (the program applies exit 0)
-            out = {names.classifier(0): jax.tree.map(lambda x: x[k], p["classifiers"])}
+        def exit_params(k: int):  # exit k's weights, named as exit 0's (the program applies exit 0)
+            out = {names.classifier(0): p["classifiers"][k]}
             if "pooler" in p:
                 out[names.pooler(0, shared=True)] = p["pooler"]
             elif "poolers" in p:
-                out[names.pooler(0, shared=False)] = jax.tree.map(lambda x: x[k], p["poolers"])
+                out[names.pooler(0, shared=False)] = p["poolers"][k]
             return out
+
+        def apply_layer(j: int) -> Callable:
+            params_j = {names.layer(0): p["layers"][j]}
+            return lambda h: model.apply(
+                {"params": params_j}, 0, h, attention_mask, True, method=MultiExitBert.layer
+            )
+
+        def apply_exit(k: int) -> Callable:
+            params_k = exit_params(k)
+            return lambda h: exit_logits(model, params_k, h, attention_mask)
+
+        layer_branches = [apply_layer(j) for j in range(len(p["layers"]))]
+        exit_branches = [apply_exit(k) for k in range(num_exits)]
 
         def running(state):
             i, _, done, *_ = state
@@ -126,12 +144,9 @@ def early_exit_program(model: MultiExitBert, criterion: str, treedef, *, toleran
 
         def layer(state):
             i, hidden, done, logits_out, layer_out, previous, count = state
-            layer_params = {names.layer(0): jax.tree.map(lambda x: x[i], p["layers"])}
-            hidden = model.apply(
-                {"params": layer_params}, 0, hidden, attention_mask, True, method=MultiExitBert.layer
-            )
+            hidden = jax.lax.switch(i, layer_branches, hidden)
             k = jnp.asarray(exit_of_layer)[i]
-            logits = exit_logits(model, exit_params(jnp.maximum(k, 0)), hidden, attention_mask)
+            logits = jax.lax.switch(jnp.maximum(k, 0), exit_branches, hidden)
             exits, new_previous, new_count = decide(logits, k, threshold, previous, count)
             is_exit = k >= 0
             leaving = is_exit & ~done & (exits | (k == num_exits - 1))  # the deepest exit always answers
