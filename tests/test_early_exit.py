@@ -148,3 +148,34 @@ def _check_regression_patience(model, runner):
     np.testing.assert_allclose(result.logits, at_exit, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="patience"):
         runner.run(batch, "entropy", 0.5)
+
+
+@pytest.mark.parametrize(
+    "num_labels,criterion,target",
+    [(3, "entropy", 1.4), (3, "confidence", 1.6), (3, "patience", None), (1, "patience", None)],
+)
+def test_one_program_at_batch_one_equals_layer_by_layer(num_labels, criterion, target):
+    """A lone example runs as one device program (the exported loop); it takes the exit, the
+    logits and the layers of the layer-by-layer path, on a model with a layer without an exit
+    and one pooler per exit."""
+    model, params = tiny_model(
+        num_labels, exit_layers=(1, 3, 4), seed=2, num_hidden_layers=4, shared_pooler=False
+    )
+    runner = EarlyExitRunner(model, params, batch_buckets=(1, 4))
+    assert runner.one_program_at_batch_one
+    cfg = model.config
+    wide = np.asarray(runner.full_forward(tiny_batch(64, seed=200)))
+    threshold = 1 if criterion == "patience" else find_threshold(wide, criterion, target, 4, cfg.exits)
+    # Regression patience: a tolerance that about half the examples' first change falls within.
+    tolerance = float(np.median(np.abs(wide[1] - wide[0]))) if num_labels == 1 else 0.1
+    taken = []
+    for seed in range(24):
+        example = tiny_batch(1, seed=300 + seed)
+        fused = runner.run(example, criterion, threshold, tolerance=tolerance)
+        stepwise = runner.run(example, criterion, threshold, tolerance=tolerance, one_program=False)
+        np.testing.assert_array_equal(fused.exit_index, stepwise.exit_index)
+        np.testing.assert_array_equal(fused.layers_run, stepwise.layers_run)
+        np.testing.assert_allclose(fused.logits, stepwise.logits, atol=1e-5, rtol=1e-5)
+        taken.append(int(fused.exit_index[0]))
+    assert len(set(taken)) >= 2, taken  # examples left at different exits
+    assert len(runner._programs) == 1  # one compiled program per criterion, reused
