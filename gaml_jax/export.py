@@ -4,8 +4,8 @@
     python -m gaml_jax.export workdirs/default exported/ --criterion patience --threshold 2
 
 The program (``jax.export``, symbolic batch and sequence length) embeds the tokens, then runs
-the encoder layers in a ``lax.while_loop`` (a ``lax.switch`` picks each layer's weights): at each exit
-it applies the criterion (baked in) with the threshold (an input; the calibrated one is the
+the encoder layers in a ``lax.while_loop`` (a ``lax.switch`` picks each layer's weights): at each
+exit it applies the criterion (baked in) with the threshold (an input; the calibrated one is the
 default) and stops as soon as every example of the batch has exited, so at batch size 1 it runs
 exactly the layers early exit needs. OUT holds the serialized program, its parameters (npz), the
 tokenizer, ``serving.json`` (criterion, threshold, labels, buckets) and ``runtime.py``, the
