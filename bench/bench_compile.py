@@ -188,11 +188,12 @@ def bench_variants(batch_size: int, seq: int, repeats: int) -> None:
     from bench.bench_vs_torch import SHAPES, make_batch
     from gaml_jax.config import ModelConfig
     from gaml_jax.model import MultiExitBert
+    from gaml_jax.train_step import dropout_key
 
     jax.config.update("jax_enable_compilation_cache", False)  # every variant compiles for real
     config = ModelConfig(**SHAPES["minilm"])
     batch = jax.device_put(make_batch(batch_size, seq, config.vocab_size))
-    rng = jax.random.key(0)
+    rng = dropout_key(0)  # the trainer's dropout stream
     flags = os.environ.get("XLA_FLAGS", "none")
     print(
         f"GAML train step, MiniLM shape, batch {batch_size} x seq {seq}; persistent cache off; "

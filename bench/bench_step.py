@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from gaml_jax.config import ModelConfig  # noqa: E402
 from gaml_jax.model import MultiExitBert  # noqa: E402
-from gaml_jax.train_step import create_train_state, make_optimizer, train_step  # noqa: E402
+from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer, train_step  # noqa: E402
 
 SHAPES = {
     "MiniLM-L6-H384": dict(
@@ -62,7 +62,7 @@ def bench_variant(config: ModelConfig, params, batch, method: str, grad_mode: st
         functools.partial(train_step, model=model, tx=tx, grad_mode=grad_mode),
         donate_argnums=0,
     )
-    rng = jax.random.key(0)
+    rng = dropout_key(0)  # the trainer's dropout stream
     step = step.lower(state, batch, rng).compile()
     memory = step.memory_analysis()
     temp_bytes = getattr(memory, "temp_size_in_bytes", float("nan")) if memory is not None else float("nan")

@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 from gaml_jax.config import ModelConfig  # noqa: E402
 from gaml_jax.losses import exit_weights  # noqa: E402
 from gaml_jax.model import MultiExitBert  # noqa: E402
-from gaml_jax.train_step import create_train_state, make_optimizer, train_step  # noqa: E402
+from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer, train_step  # noqa: E402
 
 SHAPES = {
     "minilm": dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536),
@@ -102,7 +102,7 @@ def jax_step(config: ModelConfig, params, method: str, batch) -> Callable[[], No
     )
     state = create_train_state(jax.tree.map(jnp.copy, params), tx)  # the step donates its state
     step = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
-    rng = jax.random.key(0)
+    rng = dropout_key(0)  # the trainer's dropout stream
     holder = {"state": state}
 
     def run():

@@ -33,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 from bench.bench_vs_torch import EXIT_LR, LR, SHAPES, WEIGHT_DECAY, make_batch  # noqa: E402
 from gaml_jax.config import ModelConfig  # noqa: E402
 from gaml_jax.model import MultiExitBert  # noqa: E402
-from gaml_jax.train_step import create_train_state, make_optimizer, train_step  # noqa: E402
+from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer, train_step  # noqa: E402
 
 # Trace events that are not XLA operations: the runtime's own bookkeeping and Python frames.
 _NOT_OPS = ("ThreadpoolListener::", "ThunkExecutor::", "SlinkyThreadPool::", "end: ", "$", "Wait for ")
@@ -116,7 +116,7 @@ def main() -> None:
     )
     state = create_train_state(params, tx)
     batch = jax.device_put(make_batch(args.batch, args.seq, config.vocab_size))
-    rng = jax.random.key(0)
+    rng = dropout_key(0)  # the trainer's dropout stream
     step = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
     compiled = step.lower(state, batch, rng).compile()
     cost = compiled.cost_analysis()

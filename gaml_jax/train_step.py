@@ -197,6 +197,19 @@ def uses_kd(opt_state: optax.OptState) -> bool:
     return bool(optax.tree_utils.tree_get_all_with_path(opt_state, GradientAlignmentState.__name__))
 
 
+# The dropout stream's PRNG: XLA's RngBitGenerator draws the bits ("rbg"; keys still split and
+# fold in with threefry), where the default threefry2x32 is written out in integer operations at
+# every dropout site. On the 2-core CPU the GAML step compiled in 14.0 s instead of 17.0 s (its
+# training forward alone in 4.9 s instead of 5.7 s) and ran about 3% faster. Its bits are not
+# promised to stay the same across JAX versions or backends; parameter init keeps threefry.
+DROPOUT_RNG_IMPL = "rbg"
+
+
+def dropout_key(seed: int) -> jax.Array:
+    """The base key of a run's dropout stream (``train_step``'s ``rng``)."""
+    return jax.random.key(seed, impl=DROPOUT_RNG_IMPL)
+
+
 def train_step(
     state: TrainState,
     batch: Batch,

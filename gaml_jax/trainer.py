@@ -36,6 +36,7 @@ from gaml_jax.train_step import (
     TrainState,
     create_train_state,
     data_mesh,
+    dropout_key,
     learning_rate_schedule,
     make_optimizer,
     pmap_replicate,
@@ -360,7 +361,7 @@ def train_and_evaluate(
     )
     state = parallel.put_state(state)
     predict_fn = make_predict_fn(model)
-    rng = jax.random.key(t.seed)
+    rng = dropout_key(t.seed)
     writer = MetricWriter(workdir)
 
     def evaluate(step: int) -> tuple[dict[str, list[dict[str, float]]], float]:

@@ -384,9 +384,13 @@ def test_training_attention_path_equals_inference_path(tiny):
         assert _masked_max_error(a, np.asarray(b), batch["attention_mask"]) < 1e-5
 
 
-def test_attention_dropout_is_unbiased_with_the_configured_variance():
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])  # rbg: the trainer's dropout stream
+def test_attention_dropout_is_unbiased_with_the_configured_variance(impl):
     from gaml_jax.config import ModelConfig
     from gaml_jax.model import BertSelfAttention
+    from gaml_jax.train_step import DROPOUT_RNG_IMPL
+
+    assert DROPOUT_RNG_IMPL in ("threefry2x32", "rbg")  # the one the trainer uses is tested here
 
     rate, draws = 0.3, 4000
     config = ModelConfig(**ATTENTION, attention_probs_dropout_prob=rate)
@@ -394,7 +398,7 @@ def test_attention_dropout_is_unbiased_with_the_configured_variance():
     hidden, mask, bias = _attention_inputs(0)
     variables = attention.init(jax.random.key(1), hidden, bias, True)
     exact = np.asarray(attention.apply(variables, hidden, bias, True), np.float64)
-    keys = jax.random.split(jax.random.key(2), draws)
+    keys = jax.random.split(jax.random.key(2, impl=impl), draws)
     sampled = np.asarray(
         jax.jit(jax.vmap(lambda key: attention.apply(variables, hidden, bias, False, rngs={"dropout": key})))(
             keys
