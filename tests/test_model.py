@@ -459,6 +459,7 @@ def test_exact_gelu_matches_torch_value_and_gradient():
     ty = torch.nn.functional.gelu(tx, approximate="none")
     ty.sum().backward()
     ours, grad = jax.value_and_grad(lambda v: gelu_erf(v).sum())(jnp.asarray(x))
+    np.testing.assert_allclose(ours, ty.detach().numpy().sum(), rtol=1e-5)
     np.testing.assert_allclose(gelu_erf(jnp.asarray(x)), ty.detach().numpy(), rtol=0, atol=2e-6)
     np.testing.assert_allclose(grad, tx.grad.numpy(), rtol=0, atol=2e-6)
     assert gelu_erf(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
