@@ -197,13 +197,12 @@ def uses_kd(opt_state: optax.OptState) -> bool:
     return bool(optax.tree_utils.tree_get_all_with_path(opt_state, GradientAlignmentState.__name__))
 
 
-# The dropout stream's PRNG: XLA's RngBitGenerator draws the bits ("rbg"; keys still split and
-# fold in with threefry), where the default threefry2x32 is written out in integer operations at
-# every dropout site. On the 2-core CPU the MiniLM GAML step (32 x 64) compiled in 13.6 +- 0.9 s
-# against 15.5 +- 2.2 s (six compiles each, alternating; a noisy box) and ran about 3% faster.
-# Its bits are not promised to stay the same across JAX versions or backends (a resumed run
-# replays exactly under the same versions); parameter init keeps threefry.
-DROPOUT_RNG_IMPL = "rbg"
+# The dropout stream's PRNG. JAX's "rbg" (XLA's RngBitGenerator draws the bits, where threefry2x32
+# is written out in integer operations at every dropout site) was measured here and not taken: the
+# MiniLM GAML step alone compiled in 13.6 +- 0.9 s against 15.5 +- 2.2 s (six compiles each, a
+# noisy 2-core box) and ran ~3% faster, but a whole cold 20-step train.py run compiled no less
+# (37.1-40.3 s against 37.8-39.0 s) and a warm one took 9.1-11.4 s against 6.6-6.9 s.
+DROPOUT_RNG_IMPL = "threefry2x32"
 
 
 def dropout_key(seed: int) -> jax.Array:
