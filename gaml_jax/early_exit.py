@@ -223,15 +223,6 @@ class EarlyExitRunner:
 # ----------------------------------------------------------------------------------------------
 
 
-def _exit_logits(
-    model: MultiExitBert, exit_params: PyTree, hidden: jax.Array, attention_mask: jax.Array
-) -> jax.Array:
-    """Every exit of the exported program: [batch, seq, hidden] layer output and its [batch, seq]
-    mask -> [batch, labels] float32 logits (the model's own exit: ``config.exit_pooling`` of the
-    real tokens, the pooler where there is one, the classifier)."""
-    return model.apply({"params": exit_params}, 0, hidden, attention_mask, True, method=MultiExitBert.exit)
-
-
 def serving_params(model: MultiExitBert, params: PyTree) -> PyTree:
     """The parameters as the program reads them: the embeddings, a list of the layers' trees (none
     past the last exit), and lists of the exits' classifiers (and poolers, where not shared).
@@ -311,9 +302,11 @@ def early_exit_program(model: MultiExitBert, criterion: str, treedef, *, toleran
                 {"params": params_j}, 0, h, attention_mask, True, method=MultiExitBert.layer
             )
 
-        def apply_exit(k: int) -> Callable:
+        def apply_exit(k: int) -> Callable:  # the model's own exit: its pooling, pooler, classifier
             params_k = exit_params(k)
-            return lambda h: _exit_logits(model, params_k, h, attention_mask)
+            return lambda h: model.apply(
+                {"params": params_k}, 0, h, attention_mask, True, method=MultiExitBert.exit
+            )
 
         layer_branches = [apply_layer(j) for j in range(len(p["layers"]))]
         exit_branches = [apply_exit(k) for k in range(num_exits)]
