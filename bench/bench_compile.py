@@ -3,8 +3,10 @@
 ``--train`` runs the default training (MiniLM, Rotten Tomatoes, GAML, the three length buckets)
 for a few steps twice, in fresh processes sharing one new cache folder: cold (empty cache), then
 warm. For each it prints the seconds from the start of training to the end of step 1, the run's
-total, and the seconds JAX spent compiling (XLA's backend compilations, from ``jax.monitoring``)
-with the number of programs compiled and loaded from the cache.
+total, and the seconds JAX spent compiling or loading compiled programs from the cache (XLA's
+backend compilations, from ``jax.monitoring``) with the number of programs compiled and loaded
+from the cache. The default 40 steps meet all three buckets, as a whole ``make demo`` does;
+``--eval`` then runs the demo's ``eval.py --speedup 2`` on each run and adds its compile time.
 
 ``--variants`` compiles the GAML train step of the model with its layers unrolled
 (the default), with the optimizer chain per tensor rather than on flat vectors (``tree-opt``:
@@ -17,7 +19,7 @@ seconds, alternating). (The variant with the layers' parameters stored stacked, 
 is in this file at commit d7b7471.) XLA flags
 apply as usual, e.g. ``XLA_FLAGS=--xla_cpu_opt_preset=FAST_COMPILE``.
 
-    python bench/bench_compile.py --train --steps 20          # the default config
+    python bench/bench_compile.py --train --eval              # make demo's compiling, cold and warm
     python bench/bench_compile.py --train --steps 20 --scan   # it, then with model.scan_layers=True
     python bench/bench_compile.py --variants             # MiniLM shape, batch 32 x seq 64
     python bench/bench_compile.py --variants --quick     # batch 8 x seq 32
@@ -45,9 +47,8 @@ sys.path.insert(0, str(REPO))
 # --------------------------------------------------------------------------- --train
 
 
-def _train_child(steps: int, workdir: str, scan_layers: bool) -> None:
-    """One short training run in this process; prints a JSON line of its timings."""
-    start = time.perf_counter()
+def _listen_to_compiles():
+    """(durations by event name, event counts) that JAX's monitoring fills from now on."""
     import jax
 
     durations: dict[str, list[float]] = collections.defaultdict(list)
@@ -56,6 +57,42 @@ def _train_child(steps: int, workdir: str, scan_layers: bool) -> None:
         lambda name, secs, **kw: durations[name].append(secs)
     )
     jax.monitoring.register_event_listener(lambda name, **kw: events.update([name]))
+    return durations, events
+
+
+def _compile_summary(durations, events) -> dict:
+    # XLA's backend compilations, a load from the persistent cache included (jax.monitoring).
+    backend = durations.get("/jax/core/compile/backend_compile_duration", [])
+    return {
+        "compile_s": sum(backend),
+        "compiled": len(backend),
+        "cache_hits": sum(n for e, n in events.items() if e.endswith("cache_hits")),
+        "cache_misses": sum(n for e, n in events.items() if e.endswith("cache_misses")),
+    }
+
+
+def _eval_child(workdir: str) -> None:
+    """``eval.py --workdir W --speedup 2`` (the demo's second command) in this process; prints a
+    JSON line of its compile time."""
+    import runpy
+
+    durations, events = _listen_to_compiles()
+    start = time.perf_counter()
+    sys.argv = ["eval.py", "--workdir", workdir, "--speedup", "2"]
+    try:
+        runpy.run_path(str(REPO / "eval.py"), run_name="__main__")
+    except SystemExit as exit_:
+        if exit_.code:
+            raise
+    print(json.dumps({"eval_s": time.perf_counter() - start, **_compile_summary(durations, events)}))
+
+
+def _train_child(steps: int, workdir: str, scan_layers: bool) -> None:
+    """One short training run in this process; prints a JSON line of its timings."""
+    start = time.perf_counter()
+    import jax
+
+    durations, events = _listen_to_compiles()
 
     import configs.default
     from gaml_jax import trainer
@@ -70,8 +107,10 @@ def _train_child(steps: int, workdir: str, scan_layers: bool) -> None:
 
         def run(*args):
             out = step(*args)
+            # Every step is waited for: the trainer queues steps ahead (it fetches metrics at log
+            # steps), and a bucket's compile would otherwise be timed while queued steps run.
+            jax.block_until_ready(out)
             if not first_step:
-                jax.block_until_ready(out)
                 first_step.append(time.perf_counter())
             return out
 
@@ -85,47 +124,54 @@ def _train_child(steps: int, workdir: str, scan_layers: bool) -> None:
     train_start = time.perf_counter()
     trainer.train_and_evaluate(config, workdir)
     end = time.perf_counter()
-    backend = durations.get("/jax/core/compile/backend_compile_duration", [])
     print(
         json.dumps(
             {
                 "to_step_1_s": first_step[0] - train_start,
                 "train_s": end - train_start,
                 "process_s": end - start,
-                "compile_s": sum(backend),
-                "compiled": len(backend),
-                "cache_hits": sum(n for e, n in events.items() if e.endswith("cache_hits")),
-                "cache_misses": sum(n for e, n in events.items() if e.endswith("cache_misses")),
+                **_compile_summary(durations, events),
             }
         )
     )
 
 
-def bench_train(steps: int, forms: tuple[str, ...]) -> None:
-    print(f"train.py's default run, {steps} steps; each form: a new cache folder, cold then warm")
+def _child(args: list[str], env: dict, what: str) -> dict:
+    command = [sys.executable, __file__, *args]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if out.returncode:
+        sys.exit(f"{what} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_train(steps: int, forms: tuple[str, ...], with_eval: bool) -> None:
+    print(
+        f"train.py's default run, {steps} steps{' then eval.py --speedup 2' if with_eval else ''}; "
+        "each form: a new cache folder, cold then warm"
+    )
     header = f"{'to step 1 s':>12}{'train s':>9}{'compile s':>11}{'compiled':>10}{'cache hits':>12}"
+    if with_eval:
+        header += f"{'eval compile s':>16}{'demo compile s':>16}"
     print(f"{'layers':<9}{'run':<6}{header}")
     for form in forms:
         cache = tempfile.mkdtemp(prefix="gaml-xla-cache-")
         env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, PYTHONPATH=str(REPO))
         for run in ("cold", "warm"):
             with tempfile.TemporaryDirectory(prefix="gaml-workdir-") as workdir:
-                out = subprocess.run(
-                    [sys.executable, __file__, "--train-child", "--steps", str(steps), "--workdir", workdir]
+                r = _child(
+                    ["--train-child", "--steps", str(steps), "--workdir", workdir]
                     + (["--scan"] if form == "scan" else []),
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    check=False,
+                    env,
+                    f"{form} {run} run",
                 )
-            if out.returncode:
-                sys.exit(f"{form} {run} run failed:\n{out.stderr[-3000:]}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(
-                f"{form:<9}{run:<6}{r['to_step_1_s']:12.1f}{r['train_s']:9.1f}{r['compile_s']:11.1f}"
-                f"{r['compiled']:10d}{r['cache_hits']:12d}",
-                flush=True,
-            )
+                line = (
+                    f"{form:<9}{run:<6}{r['to_step_1_s']:12.1f}{r['train_s']:9.1f}{r['compile_s']:11.1f}"
+                    f"{r['compiled']:10d}{r['cache_hits']:12d}"
+                )
+                if with_eval:
+                    e = _child(["--eval-child", "--workdir", workdir], env, f"{form} {run} eval.py")
+                    line += f"{e['compile_s']:16.1f}{r['compile_s'] + e['compile_s']:16.1f}"
+            print(line, flush=True)
 
 
 # --------------------------------------------------------------------------- --variants
@@ -246,20 +292,32 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="Cold and warm short train.py runs.")
     parser.add_argument("--variants", action="store_true", help="Compile time of remat and scan.")
     parser.add_argument("--quick", action="store_true", help="--variants at batch 8 x seq 32, 2 repeats.")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=40,
+        help="--train: steps per run (the default config meets its 3 length buckets by step 33).",
+    )
+    parser.add_argument(
+        "--eval", action="store_true", help="--train: then eval.py --speedup 2 on each run (as make demo)."
+    )
     parser.add_argument(
         "--scan", action="store_true", help="--train: then again with the layers scanned (scan_layers=True)."
     )
     parser.add_argument("--train-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--eval-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.train_child:
         _train_child(args.steps, args.workdir, scan_layers=args.scan)
         return
+    if args.eval_child:
+        _eval_child(args.workdir)
+        return
     if not (args.train or args.variants):
         parser.error("give --train and/or --variants")
     if args.train:
-        bench_train(args.steps, ("unrolled", "scan") if args.scan else ("unrolled",))
+        bench_train(args.steps, ("unrolled", "scan") if args.scan else ("unrolled",), with_eval=args.eval)
     if args.variants:
         bench_variants(8 if args.quick else 32, 32 if args.quick else 64, 2 if args.quick else 3)
 
