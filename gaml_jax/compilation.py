@@ -17,9 +17,9 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "gaml_jax" / "xla"
 # Programs that compile faster than this are not written (JAX's default is 1 s). 0: every
 # program is, the small ones included: a demo's ~90 small programs (initialisation, data placement,
 # early-exit compaction) were compiled again on every warm run, about 5 s in all, where loading
-# them takes well under a second. A whole second demo (bench/bench_compile.py --train --eval, 2 cores) spent 12.1 s
-# compiling or loading with 0.2 here (7 of 62 training programs loaded, the rest compiled) and
-# 6.6 s with 0 (all 62 loaded; eval.py 0.7 s instead of 3.9 s).
+# them takes well under a second. A whole second demo (bench/bench_compile.py --train --eval,
+# 2 cores) spent 12.1 s compiling or loading with 0.2 here (7 of 62 training programs loaded, the
+# rest compiled) and 6.6 s with 0 (all 62 loaded; eval.py 0.7 s instead of 3.9 s).
 MIN_COMPILE_SECONDS = 0.0
 
 

@@ -384,7 +384,7 @@ def test_training_attention_path_equals_inference_path(tiny):
         assert _masked_max_error(a, np.asarray(b), batch["attention_mask"]) < 1e-5
 
 
-@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])  # rbg: the trainer's dropout stream
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])  # the trainer's, and the one tried
 def test_attention_dropout_is_unbiased_with_the_configured_variance(impl):
     from gaml_jax.config import ModelConfig
     from gaml_jax.model import BertSelfAttention
