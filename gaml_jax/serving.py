@@ -123,11 +123,14 @@ class EarlyExitClassifier:
         batch_size: int = 32,
         batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
         tolerance: float = DEFAULT_REGRESSION_TOLERANCE,
+        single_length_multiple: int | None = runtime.SINGLE_LENGTH_MULTIPLE,
     ):
         """``tokenizer``: a transformers fast tokenizer; ``pair``: whether examples are sentence pairs
         (None: either); ``label_names``: by class id (default LABEL_i); ``text_columns``: the
         columns ``predict.py`` reads by default (default: the task's, else ``text``); ``max_length``:
-        tokens per example, longer ones are cut (default 128, or the model's positions if fewer)."""
+        tokens per example, longer ones are cut (default 128, or the model's positions if fewer);
+        ``single_length_multiple``: a batch of one example is padded to a multiple of this many
+        tokens rather than to a length bucket (None: to the buckets, as every batch)."""
         config = model.config
         self.model, self.config, self.criterion = model, config, criterion
         self.threshold = threshold
@@ -146,6 +149,9 @@ class EarlyExitClassifier:
         self.pair, self.max_length, self.tolerance = pair, int(max_length), tolerance
         self.length_buckets = tuple(sorted(int(b) for b in length_buckets))
         self.batch_size = int(batch_size)
+        if single_length_multiple is not None and single_length_multiple < 1:
+            raise ValueError(f"single_length_multiple must be >= 1 or None, got {single_length_multiple}.")
+        self.single_length_multiple = single_length_multiple
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token.")
         self.tokenizer, self.pad_id = tokenizer.backend_tokenizer, int(tokenizer.pad_token_id)
@@ -284,8 +290,7 @@ class EarlyExitClassifier:
         seconds, compiled = [], []
         batches = runtime.length_batches(tokens, batch_size or self.batch_size)
         for b, rows in enumerate(tqdm(batches, desc="predict", unit="batch", disable=not progress)):
-            longest = max(len(tokens.input_ids[i]) for i in rows)
-            seq_len = runtime.pad_length(longest, self.length_buckets, self.max_length)
+            seq_len = self.pad_length(max(len(tokens.input_ids[i]) for i in rows), len(rows))
             batch = runtime.pad_batch(tokens, rows, seq_len, self.pad_id)
             with count_compilations() as compilations:
                 result, batch_seconds = self._timed_run(batch)
@@ -300,6 +305,13 @@ class EarlyExitClassifier:
             logits, exit_layers, tokens.truncated, batch_of, np.asarray(seconds), np.asarray(compiled, bool)
         )
 
+    def pad_length(self, longest: int, batch_size: int) -> int:
+        """The padded length of a batch of ``batch_size`` examples whose longest has ``longest``
+        tokens: its length bucket, or for a lone example the next multiple of
+        ``single_length_multiple``."""
+        multiple = self.single_length_multiple if batch_size == 1 else None
+        return runtime.pad_length(longest, self.length_buckets, self.max_length, multiple=multiple)
+
     def _timed_run(self, batch: dict[str, np.ndarray]):
         start = time.perf_counter()
         result = self.runner.run(batch, self.criterion, self.threshold, tolerance=self.tolerance)
@@ -307,16 +319,13 @@ class EarlyExitClassifier:
 
     def warmup(self, batch_size: int | None = None) -> int:
         """Compiles every shape that batches of up to ``batch_size`` examples can meet (each batch
-        and length bucket, each compaction between batch buckets); returns the compilations.
-        After it no ``predict`` call compiles."""
+        and length bucket, each compaction between batch buckets, and a lone example's program at
+        each of its lengths); returns the compilations. After it no ``predict`` call compiles."""
         runner = self.runner
         sizes = sorted({runner.bucket(n) for n in range(1, (batch_size or self.batch_size) + 1)})
-        lengths = sorted(
-            {
-                runtime.pad_length(n, self.length_buckets, self.max_length)
-                for n in range(2, self.max_length + 1)
-            }
-        )
+        # Lengths of batches ([CLS] and [SEP] at least), and of a lone example.
+        lengths = sorted({self.pad_length(n, 2) for n in range(2, self.max_length + 1)})
+        single_lengths = sorted({self.pad_length(n, 1) for n in range(2, self.max_length + 1)})
         never = ("patience", 10**9)  # runs every layer and exit of the batch
         hidden_size, dtype, device = (
             self.config.hidden_size,
@@ -329,14 +338,19 @@ class EarlyExitClassifier:
                     ids = np.full((size, seq_len), self.pad_id, np.int32)
                     inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
                     runner.run(inputs, *never, one_program=False)  # every layer-by-layer function
-                    if size == 1 and runner.one_program_at_batch_one:  # a lone example's program
-                        runner.run(inputs, self.criterion, self.threshold, tolerance=self.tolerance)
                     # The runner gathers the running rows into each smaller bucket as examples exit.
                     # (Committed to the device, as the runner's own arrays are: jit caches by placement.)
                     hidden = jax.device_put(np.zeros((size, seq_len, hidden_size), dtype), device)
                     mask = jax.device_put(np.ones((size, seq_len), np.int32), device)
                     for smaller in sizes[: sizes.index(size)]:
                         jax.block_until_ready(runner._compact(hidden, mask, np.zeros(smaller, np.int64)))
+            for seq_len in single_lengths:  # a batch of one example
+                ids = np.full((1, seq_len), self.pad_id, np.int32)
+                inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+                if runner.one_program_at_batch_one and runner.bucket(1) == 1:  # its one program
+                    runner.run(inputs, self.criterion, self.threshold, tolerance=self.tolerance)
+                else:
+                    runner.run(inputs, *never)
         return compilations.count
 
 

@@ -94,6 +94,15 @@ def test_exported_callable_predicts_like_the_classifier(run, texts, tmp_path):
     assert [r["truncated"] for r in records] == [False] * len(texts) + [True]
     for record, prediction in zip(records, predictions, strict=True):
         assert record["probabilities"] == pytest.approx(prediction.probabilities, abs=tiny_run.LOGIT_ATOL)
+    # One example at a time: padded to a multiple of 8 tokens (the classifier's rule, stored).
+    assert json.loads((tmp_path / "out" / runtime.META_FILE).read_text())["single_length_multiple"] == 8
+    shapes, run_batch = [], exported.run
+    exported.run = lambda batch, *a: shapes.append(batch["input_ids"].shape) or run_batch(batch, *a)
+    alone = [r for e in examples[:6] for r in exported([e], batch_size=1)]
+    lengths = [len(ids) for ids in _tokens(classifier, examples[:6]).input_ids]
+    assert shapes == [(1, -(-n // 8) * 8) for n in lengths] and {s[1] for s in shapes} == {8, 16}
+    assert [r["exit_layer"] for r in alone] == [p.exit_layer for p in predictions[:6]]
+    assert [r["label"] for r in alone] == [p.label for p in predictions[:6]]
     # The threshold is an input: the loosest entropy threshold exits everything at layer 1.
     assert {r["exit_layer"] for r in exported(texts[:5], threshold=1.0)} == {1}
     with pytest.raises(ValueError, match=r"texts\[1\] is an empty text"):

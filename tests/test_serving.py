@@ -151,12 +151,56 @@ def test_repeated_calls_never_recompile(assets, texts):
     assert again.count == 0
     assert classifier.warmup() > 0
     long_text = " ".join(["w3"] * 40)
+    lone = [[t] for t in (texts[0], "w1", " ".join(["w2"] * 9), long_text)]  # padded to 8 and 16
     with serving.count_compilations() as after_warmup:
-        for examples in (texts[:1], texts[3:6], texts[10:14], texts[:13], [long_text, *texts[20:22]]):
+        for examples in (*lone, texts[3:6], texts[10:14], texts[:13], [long_text, *texts[20:22]]):
             for threshold in (0.0, 0.5, 0.9, 1.0):  # exits at every depth: every compaction path
                 classifier.threshold = threshold
                 classifier.predict(examples)
     assert after_warmup.count == 0
+
+
+def test_a_lone_example_pads_to_a_multiple_of_eight_tokens(assets, texts, monkeypatch):
+    """Batches pad to the run's length bucket (16); one example alone to the next multiple of 8
+    tokens, with the same prediction as padded to the bucket."""
+    assert runtime.pad_length(9, (16,), 16, multiple=8) == 16
+    assert [runtime.pad_length(n, (32, 64), 40, multiple=8) for n in (2, 8, 9, 33, 40)] == [8, 8, 16, 40, 40]
+    classifier = EarlyExitClassifier.from_workdir(assets["run"], threshold=0.5, batch_size=4)
+    assert classifier.single_length_multiple == 8
+    shapes, run = [], classifier.runner.run
+    monkeypatch.setattr(
+        classifier.runner,
+        "run",
+        lambda batch, *a, **k: shapes.append(batch["input_ids"].shape) or run(batch, *a, **k),
+    )
+    examples = ["w1 w2", " ".join(["w3"] * 10), *texts[:3]]  # 4 and 12 tokens
+    lengths = [len(ids) for ids in runtime.tokenize(classifier.tokenizer, examples, MAX_LENGTH).input_ids]
+    assert lengths[:2] == [4, 12]
+
+    def each_alone():  # (a batch that compiled runs a second time, for its latency: compile first)
+        [classifier.predict([e], batch_size=1) for e in examples]
+        shapes.clear()
+        return [classifier.predict([e], batch_size=1)[0] for e in examples]
+
+    alone = each_alone()
+    assert shapes == [(1, -(-n // 8) * 8) for n in lengths]
+    shapes.clear()
+    batched = classifier.predict(examples[:2])
+    assert shapes[-1] == (2, 16)
+    classifier.single_length_multiple = None
+    bucketed = each_alone()
+    assert shapes == [(1, 16)] * len(examples)
+    for a, b, c in zip(alone, bucketed, [*batched, *bucketed[2:]], strict=True):
+        assert a.exit_layer == b.exit_layer == c.exit_layer and a.label_id == b.label_id == c.label_id
+        assert a.probabilities == pytest.approx(b.probabilities, abs=tiny_run.LOGIT_ATOL)
+    with pytest.raises(ValueError, match="single_length_multiple must be >= 1 or None, got 0"):
+        EarlyExitClassifier(
+            classifier.model,
+            classifier.runner.params,
+            load_tokenizer(assets["checkpoint"]),
+            threshold=0.5,
+            single_length_multiple=0,
+        )
 
 
 def test_counting_sees_a_compilation():
