@@ -57,3 +57,53 @@ def test_argument_is_used_without_the_environment_variable(tmp_path):
     result = _run({"HOME": str(tmp_path)}, str(chosen))
     assert Path(result["folder"]) == chosen and any(chosen.iterdir())
     assert not (tmp_path / ".cache").exists()
+
+
+# ---------------------------------------------------------------------- inference compiler options
+
+
+def _ynn_ops(compiled) -> int:
+    """YNNPACK fusions in a compiled program (its HLO; fusion kind ``__ynn_fusion``)."""
+    return compiled.as_text().count('"kind":"__ynn_fusion"')
+
+
+def test_inference_programs_compile_without_ynnpack_fusions(monkeypatch):
+    """Early exit's programs and the evaluation forward take ``CPU_INFERENCE_OPTIONS``; XLA's
+    defaults stay for everything else, and an environment variable or an XLA that does not know
+    the options gives XLA's defaults."""
+    import jax
+    import numpy as np
+
+    from gaml_jax import ModelConfig, MultiExitBert, runtime
+    from gaml_jax.early_exit import EarlyExitRunner
+    from gaml_jax.evaluator import make_predict_fn
+    from tests import tiny
+
+    model = MultiExitBert(ModelConfig(**tiny.TINY))
+    params = jax.device_put(model.init(jax.random.key(0), np.ones((1, 8), np.int32))["params"])
+    ids = np.full((1, 8), 5, np.int32)
+    inputs = (ids, np.ones_like(ids), np.zeros_like(ids))
+    full = lambda p, i, m, t: model.apply({"params": p}, i, m, t, True).logits
+    default = _ynn_ops(jax.jit(full).lower(params, *inputs).compile())
+    if not default:
+        import pytest
+
+        pytest.skip("this XLA:CPU emits no YNNPACK fusion for the model: nothing to turn off")
+    assert runtime.inference_compiler_options() == runtime.CPU_INFERENCE_OPTIONS
+    runner = EarlyExitRunner(model, params)
+    assert _ynn_ops(runner._full.lower(runner.params, *inputs).compile()) == 0
+    program = runner.program("entropy").func  # the jitted program (a partial over the weights)
+    assert _ynn_ops(program.lower(runner._program_leaves, *inputs, np.float32(0.5)).compile()) == 0
+    batch = dict(zip(("input_ids", "attention_mask", "token_type_ids"), inputs, strict=True))
+    assert _ynn_ops(make_predict_fn(model).lower(params, batch).compile()) == 0
+
+    for env, options in ((("GAML_JAX_XLA_DEFAULTS", "1"), {}), (None, {"xla_cpu_no_such_option": ""})):
+        runtime.inference_compiler_options.cache_clear()
+        with monkeypatch.context() as m:
+            if env:
+                m.setenv(*env)
+            if options:
+                m.setattr(runtime, "CPU_INFERENCE_OPTIONS", options)
+            assert runtime.inference_compiler_options() is None
+            assert _ynn_ops(runtime.inference_jit(full).lower(params, *inputs).compile()) == default
+    runtime.inference_compiler_options.cache_clear()

@@ -1,0 +1,148 @@
+"""XLA:CPU compiler options, A against B, side by side in one process: the same programs compiled
+with each set of options and timed in alternation (each call of A next to a call of B, so that
+load on a shared machine hits both alike).
+
+The programs (MiniLM-L6-H384 shape, random weights): early exit at batch 1 (``early_exit_program``,
+one example of 32 tokens leaving at layer 3, and one running all 6 layers), the forward of
+every exit at batch 32 x 64, and the CE and GAML train steps at 32 x 64 (AdamW, dropout), with
+each program's compile time. B is by default ``gaml_jax.runtime.CPU_INFERENCE_OPTIONS``, which
+the inference programs are compiled with: YNNPACK fusions off, so matrix products go to XLA's own
+kernels (Eigen); A is XLA's defaults, which training keeps.
+
+    python bench/bench_cpu_options.py                    # ~3 minutes on 2 CPU cores
+    python bench/bench_cpu_options.py --b xla_cpu_use_xnnpack=false --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.bench_vs_torch import CLIP, EXIT_LR, LR, SHAPES, WEIGHT_DECAY, make_batch  # noqa: E402
+from gaml_jax.config import ModelConfig  # noqa: E402
+from gaml_jax.early_exit import early_exit_program, serving_params  # noqa: E402
+from gaml_jax.model import MultiExitBert  # noqa: E402
+from gaml_jax.runtime import CPU_INFERENCE_OPTIONS  # noqa: E402
+from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer, train_step  # noqa: E402
+
+
+def parse_options(items: list[str]) -> dict[str, str]:
+    """["name=value", ...] -> {name: value}."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--a/--b take name=value (an empty value is allowed), got {item!r}")
+        out[name] = value
+    return out
+
+
+def programs(options: dict[str, str], config: ModelConfig, params, quick: bool):
+    """name -> (compile seconds, run()) for the programs compiled with ``options``."""
+    model = MultiExitBert(config)
+    jit = functools.partial(jax.jit, compiler_options=options or None)
+    out = {}
+
+    def compiled(name, fn, *args, donate=()):
+        tic = time.perf_counter()
+        exe = jit(fn, donate_argnums=donate).lower(*args).compile()
+        out[name] = [time.perf_counter() - tic, exe]
+
+    leaves, treedef = jax.tree.flatten(serving_params(model, params))
+    program = early_exit_program(model, "patience", treedef, tolerance=0.0)
+    ids = np.full((1, 32), 1000, np.int32)
+    one = (leaves, ids, np.ones_like(ids), np.zeros_like(ids))
+    compiled("early exit, batch 1 x 32", program, *one, np.float32(2))
+    exe = out.pop("early exit, batch 1 x 32")
+    # Patience 2 stops once three exits agree (layer 3 at the earliest); one beyond the exits runs
+    # every layer.
+    for patience in (2, 99):
+        layers = int(exe[1](*one, np.float32(patience))[2])
+        out[f"early exit, batch 1 x 32, {layers} layers"] = [
+            exe[0] if patience == 2 else 0.0,
+            lambda patience=patience: jax.block_until_ready(exe[1](*one, np.float32(patience))),
+        ]
+    batch = make_batch(8 if quick else 32, 32 if quick else 64, config.vocab_size)
+    shape = f"{batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]}"
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    forward = lambda p, *x: model.apply({"params": p}, *x).logits
+    compiled(f"forward, {shape}", forward, params, *inputs)
+    exe_f = out[f"forward, {shape}"][1]
+    out[f"forward, {shape}"][1] = lambda: jax.block_until_ready(exe_f(params, *inputs))
+    batch = jax.device_put(batch)
+    for method in ("ce", "gaml"):
+        tx = make_optimizer(
+            method=method,
+            total_steps=10_000,
+            learning_rate=LR,
+            exit_learning_rate=EXIT_LR,
+            warmup_steps=10,
+            weight_decay=WEIGHT_DECAY,
+            grad_clip_norm=CLIP,
+        )
+        state = create_train_state(jax.tree.map(jnp.copy, params), tx)
+        step = functools.partial(train_step, model=model, tx=tx)
+        name = f"{method.upper()} train step, {shape}"
+        compiled(name, step, state, batch, dropout_key(0), donate=0)
+        holder = {"state": state, "exe": out[name][1]}
+
+        def run(holder=holder):
+            holder["state"], metrics = holder["exe"](holder["state"], batch, dropout_key(0))
+            jax.block_until_ready(metrics)
+
+        out[name][1] = run
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--a", nargs="*", default=[], help="options of A, name=value (default: none)")
+    parser.add_argument(
+        "--b",
+        nargs="*",
+        default=[f"{k}={v}" for k, v in CPU_INFERENCE_OPTIONS.items()],
+        help="options of B (default: gaml_jax.runtime.CPU_INFERENCE_OPTIONS)",
+    )
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls of each train step")
+    parser.add_argument("--quick", action="store_true", help="batch 8 x 32, 3 repeats")
+    args = parser.parse_args()
+    if jax.default_backend() != "cpu":
+        raise SystemExit(f"XLA:CPU options: run this on the CPU (the backend is {jax.default_backend()}).")
+    a, b = parse_options(args.a), parse_options(args.b)
+    repeats = 3 if args.quick else args.repeats
+    config = ModelConfig(vocab_size=30522, num_labels=2, **SHAPES["minilm"])
+    params = jax.device_put(
+        MultiExitBert(config).init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]
+    )
+    sides = {"A": programs(a, config, params, args.quick), "B": programs(b, config, params, args.quick)}
+    print(f"A: {a or 'XLA defaults'}\nB: {b or 'XLA defaults'}")
+    print(f"{'':40}{'A ms':>9}{'B ms':>9}{'A / B':>8}{'compile A s':>13}{'B s':>7}")
+    for name in sides["A"]:
+        calls = repeats if "step" in name else 10 * repeats
+        times = {side: [] for side in sides}
+        for side in sides:
+            sides[side][name][1]()  # a first call, untimed
+        for _ in range(calls):
+            for side in sides:
+                tic = time.perf_counter()
+                sides[side][name][1]()
+                times[side].append(time.perf_counter() - tic)
+        ta, tb = (statistics.median(times[s]) for s in sides)
+        ca, cb = (sides[s][name][0] for s in sides)
+        compile_cols = f"{ca:13.2f}{cb:7.2f}" if ca else ""
+        print(f"{name:40}{ta * 1e3:9.2f}{tb * 1e3:9.2f}{ta / tb:7.2f}x{compile_cols}", flush=True)
+    print(f"(medians; {jax.__version__}, {jax.devices()[0].device_kind}, {jax.device_count()} devices)")
+
+
+if __name__ == "__main__":
+    main()
