@@ -43,6 +43,7 @@ bench: setup-test
 	$(BIN)/python -m bench.bench_early_exit --quick
 	$(BIN)/python -m bench.bench_serving
 	$(BIN)/python bench/bench_vs_torch.py --quick
+	$(BIN)/python bench/bench_cpu_options.py --quick
 	$(BIN)/python bench/bench_compile.py --variants --quick
 
 # CE, ML and GAML (layer weights, one epoch), GAML with uniform weights (one epoch) and the default
