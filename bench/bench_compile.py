@@ -12,7 +12,8 @@ from the cache. The default 40 steps meet all three buckets, as a whole ``make d
 (the default), with the optimizer chain per tensor rather than on flat vectors (``tree-opt``:
 ``make_optimizer(flat=False)``, the form before the flat one), scanned
 (``model.scan_layers=True``: one compiled layer body), scanned with every layer under
-``nn.remat``, and unrolled under XLA:CPU's FAST_COMPILE optimisation preset; for
+``nn.remat``, each compiled with the trainer's options (``compilation.training_compiler_options``:
+XLA:CPU's FAST_COMPILE preset), and unrolled with XLA's default options; for
 each it prints the seconds to trace and lower, to compile, and to load the compiled program back
 (what a run that finds it in the persistent cache pays instead), then times each step (CPU
 seconds, alternating). (The variant with the layers' parameters stored stacked, under ``nn.scan``,
@@ -232,6 +233,7 @@ def bench_variants(batch_size: int, seq: int, repeats: int) -> None:
     import jax
 
     from bench.bench_vs_torch import SHAPES, make_batch
+    from gaml_jax.compilation import training_compiler_options
     from gaml_jax.config import ModelConfig
     from gaml_jax.model import MultiExitBert
     from gaml_jax.train_step import dropout_key
@@ -247,14 +249,14 @@ def bench_variants(batch_size: int, seq: int, repeats: int) -> None:
     )
     print(f"{'variant':<12}{'trace+lower s':>14}{'compile s':>11}{'load s':>8}{'HLO ops':>9}")
     runs = {}
-    fast_compile = {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}  # XLA:CPU's preset
+    ours = training_compiler_options()  # the trainer's: XLA:CPU's FAST_COMPILE preset
     unrolled, scanned = MultiExitBert(config), MultiExitBert(config.replace(scan_layers=True))
     for name, model, context, options, flat in (
-        ("unrolled", unrolled, contextlib.nullcontext, None, True),  # the default
-        ("tree-opt", unrolled, contextlib.nullcontext, None, False),  # the optimizer per tensor
-        ("scan", scanned, contextlib.nullcontext, None, True),
-        ("scan+remat", scanned, remat_layers, None, True),
-        ("unroll+fast", unrolled, contextlib.nullcontext, fast_compile, True),
+        ("unrolled", unrolled, contextlib.nullcontext, ours, True),  # the default
+        ("tree-opt", unrolled, contextlib.nullcontext, ours, False),  # the optimizer per tensor
+        ("scan", scanned, contextlib.nullcontext, ours, True),
+        ("scan+remat", scanned, remat_layers, ours, True),
+        ("xla-default", unrolled, contextlib.nullcontext, None, True),  # XLA's default options
     ):
         with context():
             compiled, state, lowered_s, compile_s, load_s, ops = compile_step(

@@ -115,6 +115,9 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=7, help="timed calls of each train step")
     parser.add_argument("--quick", action="store_true", help="batch 8 x 32, 3 repeats")
+    parser.add_argument(
+        "--only", default="", help="time only the programs whose name holds one of these (comma-separated)"
+    )
     args = parser.parse_args()
     if jax.default_backend() != "cpu":
         raise SystemExit(f"XLA:CPU options: run this on the CPU (the backend is {jax.default_backend()}).")
@@ -127,7 +130,8 @@ def main() -> None:
     sides = {"A": programs(a, config, params, args.quick), "B": programs(b, config, params, args.quick)}
     print(f"A: {a or 'XLA defaults'}\nB: {b or 'XLA defaults'}")
     print(f"{'':40}{'A ms':>9}{'B ms':>9}{'A / B':>8}{'compile A s':>13}{'B s':>7}")
-    for name in sides["A"]:
+    only = args.only.split(",")
+    for name in [name for name in sides["A"] if any(part in name for part in only)]:
         calls = repeats if "step" in name else 10 * repeats
         times = {side: [] for side in sides}
         for side in sides:

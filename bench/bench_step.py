@@ -27,6 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gaml_jax.compilation import training_compiler_options  # noqa: E402
 from gaml_jax.config import ModelConfig  # noqa: E402
 from gaml_jax.model import MultiExitBert  # noqa: E402
 from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer, train_step  # noqa: E402
@@ -61,6 +62,7 @@ def bench_variant(config: ModelConfig, params, batch, method: str, grad_mode: st
     step = jax.jit(
         functools.partial(train_step, model=model, tx=tx, grad_mode=grad_mode),
         donate_argnums=0,
+        compiler_options=training_compiler_options(),  # the trainer's XLA options
     )
     rng = dropout_key(0)  # the trainer's dropout stream
     step = step.lower(state, batch, rng).compile()

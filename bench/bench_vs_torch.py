@@ -40,9 +40,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gaml_jax.compilation import training_compiler_options  # noqa: E402
 from gaml_jax.config import ModelConfig  # noqa: E402
 from gaml_jax.losses import exit_weights  # noqa: E402
 from gaml_jax.model import MultiExitBert  # noqa: E402
+from gaml_jax.runtime import inference_jit  # noqa: E402
 from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer, train_step  # noqa: E402
 
 SHAPES = {
@@ -101,7 +103,11 @@ def jax_step(config: ModelConfig, params, method: str, batch) -> Callable[[], No
         grad_clip_norm=CLIP,
     )
     state = create_train_state(jax.tree.map(jnp.copy, params), tx)  # the step donates its state
-    step = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
+    step = jax.jit(  # with the trainer's XLA options
+        functools.partial(train_step, model=model, tx=tx),
+        donate_argnums=0,
+        compiler_options=training_compiler_options(),
+    )
     rng = dropout_key(0)  # the trainer's dropout stream
     holder = {"state": state}
 
@@ -114,7 +120,8 @@ def jax_step(config: ModelConfig, params, method: str, batch) -> Callable[[], No
 
 def jax_forward(config: ModelConfig, params, batch) -> Callable[[], None]:
     model = MultiExitBert(config)
-    apply = jax.jit(lambda p, ids, mask, types: model.apply({"params": p}, ids, mask, types).logits)
+    # With the inference programs' XLA options, as the runner and eval.py compile the forward.
+    apply = inference_jit(lambda p, ids, mask, types: model.apply({"params": p}, ids, mask, types).logits)
     args = (params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     return lambda: apply(*args).block_until_ready()
 

@@ -31,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench.bench_vs_torch import EXIT_LR, LR, SHAPES, WEIGHT_DECAY, make_batch  # noqa: E402
+from gaml_jax.compilation import training_compiler_options  # noqa: E402
 from gaml_jax.config import ModelConfig  # noqa: E402
 from gaml_jax.model import MultiExitBert  # noqa: E402
 from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer, train_step  # noqa: E402
@@ -117,7 +118,11 @@ def main() -> None:
     state = create_train_state(params, tx)
     batch = jax.device_put(make_batch(args.batch, args.seq, config.vocab_size))
     rng = dropout_key(0)  # the trainer's dropout stream
-    step = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
+    step = jax.jit(  # with the trainer's XLA options
+        functools.partial(train_step, model=model, tx=tx),
+        donate_argnums=0,
+        compiler_options=training_compiler_options(),
+    )
     compiled = step.lower(state, batch, rng).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

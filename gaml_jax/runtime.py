@@ -37,22 +37,31 @@ Example = str | tuple[str, str]
 # program): YNNPACK fusions off, so that matrix products run on XLA's own (Eigen) kernels. Measured
 # side by side on a 2-core AVX2 CPU (bench/bench_cpu_options.py, MiniLM shape): early exit at
 # batch 1 x 32 tokens 1.16-1.19x faster, the forward at 32 x 64 1.09x; the train steps were level
-# or slower (0.97-0.98x), so training keeps XLA's defaults. GAML_JAX_XLA_DEFAULTS=1 keeps XLA's
-# defaults here too.
+# or slower (0.97-0.98x), so training does not take them (its options: gaml_jax.compilation).
 CPU_INFERENCE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-@functools.cache
-def inference_compiler_options() -> dict[str, str] | None:
-    """``compiler_options`` for ``jax.jit`` of an inference program: ``CPU_INFERENCE_OPTIONS``
-    when the default backend is the CPU and its XLA knows them, else None (XLA's defaults)."""
+def cpu_compiler_options(options: dict[str, str]) -> dict[str, str] | None:
+    """``options`` as ``jax.jit``'s ``compiler_options``, where they apply: on the CPU backend,
+    with an XLA that knows them, and ``GAML_JAX_XLA_DEFAULTS`` unset (or 0); else None, which
+    keeps XLA's defaults."""
     if os.environ.get("GAML_JAX_XLA_DEFAULTS", "0") not in ("", "0") or jax.default_backend() != "cpu":
         return None
-    try:  # an XLA without these options refuses them: keep its defaults
-        jax.jit(lambda x: x + 1, compiler_options=CPU_INFERENCE_OPTIONS).lower(np.float32(0)).compile()
-    except Exception:  # noqa: BLE001  (JaxRuntimeError: "No such compile option")
-        return None
-    return dict(CPU_INFERENCE_OPTIONS)
+    return dict(options) if _known(tuple(sorted(options.items()))) else None
+
+
+@functools.cache
+def _known(items: tuple[tuple[str, str], ...]) -> bool:
+    try:  # an XLA without these options refuses them ("No such compile option")
+        jax.jit(lambda x: x + 1, compiler_options=dict(items)).lower(np.float32(0)).compile()
+    except Exception:  # noqa: BLE001  (JaxRuntimeError)
+        return False
+    return True
+
+
+def inference_compiler_options() -> dict[str, str] | None:
+    """``compiler_options`` of an inference program: ``cpu_compiler_options(CPU_INFERENCE_OPTIONS)``."""
+    return cpu_compiler_options(CPU_INFERENCE_OPTIONS)
 
 
 def inference_jit(fn, **kwargs):

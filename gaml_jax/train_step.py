@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from gaml_jax import names
 from gaml_jax.alignment import GradientAlignmentState, alignment_diagnostics, gradient_alignment
+from gaml_jax.compilation import training_compiler_options
 from gaml_jax.losses import ce_loss, exit_weights, mutual_learning_loss, per_exit_ce
 from gaml_jax.model import MultiExitBert
 
@@ -337,7 +338,7 @@ def shard_map_step(step_fn: Callable, mesh: Mesh) -> Callable:
     """``jit(shard_map(step))``: state replicated, batch split on its leading axis, state donated."""
     step = functools.partial(step_fn, axis_name=DATA_AXIS)
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=(P(), P()))
-    return jax.jit(sharded, donate_argnums=0)
+    return jax.jit(sharded, donate_argnums=0, compiler_options=training_compiler_options())
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -98,7 +98,6 @@ def test_inference_programs_compile_without_ynnpack_fusions(monkeypatch):
     assert _ynn_ops(make_predict_fn(model).lower(params, batch).compile()) == 0
 
     for env, options in ((("GAML_JAX_XLA_DEFAULTS", "1"), {}), (None, {"xla_cpu_no_such_option": ""})):
-        runtime.inference_compiler_options.cache_clear()
         with monkeypatch.context() as m:
             if env:
                 m.setenv(*env)
@@ -106,4 +105,29 @@ def test_inference_programs_compile_without_ynnpack_fusions(monkeypatch):
                 m.setattr(runtime, "CPU_INFERENCE_OPTIONS", options)
             assert runtime.inference_compiler_options() is None
             assert _ynn_ops(runtime.inference_jit(full).lower(params, *inputs).compile()) == default
-    runtime.inference_compiler_options.cache_clear()
+
+
+def test_the_train_step_compiles_with_the_training_options(monkeypatch):
+    """``shard_map_step`` compiles with ``training_compiler_options()`` (XLA:CPU's FAST_COMPILE
+    preset on the CPU; none with GAML_JAX_XLA_DEFAULTS=1): an option XLA does not know, put in
+    their place, fails the step's compilation."""
+    import jax
+    import numpy as np
+    import pytest
+
+    from gaml_jax import compilation, train_step
+
+    assert compilation.training_compiler_options() == compilation.CPU_TRAINING_OPTIONS
+    with monkeypatch.context() as m:
+        m.setenv("GAML_JAX_XLA_DEFAULTS", "1")
+        assert compilation.training_compiler_options() is None
+
+    def step(state, batch, rng, axis_name):
+        return state + jax.lax.psum(batch.sum(), axis_name), rng
+
+    mesh = train_step.data_mesh(jax.devices()[:2])
+    args = (np.float32(0), np.ones((2, 3), np.float32), np.float32(1))
+    assert float(train_step.shard_map_step(step, mesh)(*args)[0]) == 6.0
+    monkeypatch.setattr(train_step, "training_compiler_options", lambda: {"xla_cpu_no_such_option": ""})
+    with pytest.raises(Exception, match="No such compile option"):
+        train_step.shard_map_step(step, mesh)(*args)
