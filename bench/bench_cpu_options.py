@@ -5,9 +5,9 @@ load on a shared machine hits both alike).
 The programs (MiniLM-L6-H384 shape, random weights): early exit at batch 1 (``early_exit_program``,
 one example of 32 tokens leaving at layer 3, and one running all 6 layers), the forward of
 every exit at batch 32 x 64, and the CE and GAML train steps at 32 x 64 (AdamW, dropout), with
-each program's compile time. B is by default ``gaml_jax.runtime.CPU_INFERENCE_OPTIONS``, which
-the inference programs are compiled with: YNNPACK fusions off, so matrix products go to XLA's own
-kernels (Eigen); A is XLA's defaults, which training keeps.
+each program's compile time. B is by default ``gaml_jax.runtime.CPU_SERVING_OPTIONS``, which the
+early-exit program (batch 1, exported) is compiled with: YNNPACK fusions off, so matrix products
+go to XLA's own kernels (Eigen); A is XLA's defaults.
 
     python bench/bench_cpu_options.py                    # ~3 minutes on 2 CPU cores
     python bench/bench_cpu_options.py --b xla_cpu_use_xnnpack=false --quick
@@ -32,7 +32,7 @@ from bench.bench_vs_torch import CLIP, EXIT_LR, LR, SHAPES, WEIGHT_DECAY, make_b
 from gaml_jax.config import ModelConfig  # noqa: E402
 from gaml_jax.early_exit import early_exit_program, serving_params  # noqa: E402
 from gaml_jax.model import MultiExitBert  # noqa: E402
-from gaml_jax.runtime import CPU_INFERENCE_OPTIONS  # noqa: E402
+from gaml_jax.runtime import CPU_SERVING_OPTIONS  # noqa: E402
 from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer, train_step  # noqa: E402
 
 
@@ -110,8 +110,8 @@ def main() -> None:
     parser.add_argument(
         "--b",
         nargs="*",
-        default=[f"{k}={v}" for k, v in CPU_INFERENCE_OPTIONS.items()],
-        help="options of B (default: gaml_jax.runtime.CPU_INFERENCE_OPTIONS)",
+        default=[f"{k}={v}" for k, v in CPU_SERVING_OPTIONS.items()],
+        help="options of B (default: gaml_jax.runtime.CPU_SERVING_OPTIONS)",
     )
     parser.add_argument("--repeats", type=int, default=7, help="timed calls of each train step")
     parser.add_argument("--quick", action="store_true", help="batch 8 x 32, 3 repeats")

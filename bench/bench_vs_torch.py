@@ -44,7 +44,6 @@ from gaml_jax.compilation import training_compiler_options  # noqa: E402
 from gaml_jax.config import ModelConfig  # noqa: E402
 from gaml_jax.losses import exit_weights  # noqa: E402
 from gaml_jax.model import MultiExitBert  # noqa: E402
-from gaml_jax.runtime import inference_jit  # noqa: E402
 from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer, train_step  # noqa: E402
 
 SHAPES = {
@@ -120,8 +119,7 @@ def jax_step(config: ModelConfig, params, method: str, batch) -> Callable[[], No
 
 def jax_forward(config: ModelConfig, params, batch) -> Callable[[], None]:
     model = MultiExitBert(config)
-    # With the inference programs' XLA options, as the runner and eval.py compile the forward.
-    apply = inference_jit(lambda p, ids, mask, types: model.apply({"params": p}, ids, mask, types).logits)
+    apply = jax.jit(lambda p, ids, mask, types: model.apply({"params": p}, ids, mask, types).logits)
     args = (params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     return lambda: apply(*args).block_until_ready()
 

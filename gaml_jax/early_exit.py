@@ -20,7 +20,7 @@ import numpy as np
 from gaml_jax import names
 from gaml_jax.criteria import DEFAULT_REGRESSION_TOLERANCE, check_criterion
 from gaml_jax.model import MultiExitBert
-from gaml_jax.runtime import inference_jit
+from gaml_jax.runtime import serving_jit
 
 PyTree = Any
 
@@ -116,13 +116,12 @@ class EarlyExitRunner:
         def full(p, input_ids, attention_mask, token_type_ids):
             return model.apply({"params": p}, input_ids, attention_mask, token_type_ids, True).logits
 
-        # (Compiled with the inference options of XLA:CPU: runtime.inference_compiler_options.)
-        self._embed = inference_jit(embed)
+        self._embed = jax.jit(embed)
         # The hidden state is donated: each layer writes its output over its input.
-        self._layer = inference_jit(layer, donate_argnums=1)
-        self._layer_exit = inference_jit(layer_exit, donate_argnums=2)
+        self._layer = jax.jit(layer, donate_argnums=1)
+        self._layer_exit = jax.jit(layer_exit, donate_argnums=2)
         self._compact = jax.jit(compact)
-        self._full = inference_jit(full)
+        self._full = jax.jit(full)
         self.one_program_at_batch_one = one_program_at_batch_one
         self._program_leaves, self._program_treedef = jax.tree.flatten(serving_params(model, params))
         self._programs: dict[tuple[str, float], Callable] = {}  # (criterion, tolerance) -> jitted
@@ -132,7 +131,7 @@ class EarlyExitRunner:
         run)``: early exit as one jitted device program (``early_exit_program``) on these weights."""
         key = (criterion, float(tolerance))
         if key not in self._programs:
-            program = inference_jit(
+            program = serving_jit(  # with XLA:CPU's serving options (runtime.CPU_SERVING_OPTIONS)
                 early_exit_program(self.model, criterion, self._program_treedef, tolerance=tolerance)
             )
             self._programs[key] = functools.partial(program, self._program_leaves)

@@ -17,16 +17,14 @@ from jax.experimental import multihost_utils
 
 from gaml_jax.metrics import compute_metrics, predictions_from_logits
 from gaml_jax.model import MultiExitBert
-from gaml_jax.runtime import inference_jit
 
 PyTree = Any
 
 
 def make_predict_fn(model: MultiExitBert):
-    """Jitted deterministic forward: batch -> [exits, batch, labels] logits (compiled with the
-    inference options of XLA:CPU, ``runtime.inference_compiler_options``)."""
+    """Jitted deterministic forward: batch -> [exits, batch, labels] logits."""
 
-    @inference_jit
+    @jax.jit
     def predict(params: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
         return model.apply(
             {"params": params},

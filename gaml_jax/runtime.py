@@ -33,12 +33,14 @@ TOKENIZER_FILE = "tokenizer.json"
 # An example is one text, or a pair of texts for a sentence-pair task.
 Example = str | tuple[str, str]
 
-# XLA:CPU options of the inference programs (early exit, the evaluation forward, the exported
-# program): YNNPACK fusions off, so that matrix products run on XLA's own (Eigen) kernels. Measured
-# side by side on a 2-core AVX2 CPU (bench/bench_cpu_options.py, MiniLM shape): early exit at
-# batch 1 x 32 tokens 1.16-1.19x faster, the forward at 32 x 64 1.09x; the train steps were level
-# or slower (0.97-0.98x), so training does not take them (its options: gaml_jax.compilation).
-CPU_INFERENCE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# XLA:CPU options of the serving program, early exit as one program (``early_exit_program``: the
+# runner's path at batch 1, and the exported program this loader runs): YNNPACK fusions off, so
+# that matrix products run on XLA's own (Eigen) kernels. Measured side by side on a 2-core AVX2 CPU
+# (bench/bench_cpu_options.py, MiniLM shape): the program at batch 1 x 32 tokens ran 1.16-1.19x
+# faster. Elsewhere they do not pay: the forward at 32 x 64 ran 1.09x faster but the runner's
+# batch programs (as eval.py compiles them) took 36% longer to compile, and the train steps ran
+# 0.97-0.98x as fast; those keep XLA's defaults (training has its own: gaml_jax.compilation).
+CPU_SERVING_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def cpu_compiler_options(options: dict[str, str]) -> dict[str, str] | None:
@@ -59,14 +61,14 @@ def _known(items: tuple[tuple[str, str], ...]) -> bool:
     return True
 
 
-def inference_compiler_options() -> dict[str, str] | None:
-    """``compiler_options`` of an inference program: ``cpu_compiler_options(CPU_INFERENCE_OPTIONS)``."""
-    return cpu_compiler_options(CPU_INFERENCE_OPTIONS)
+def serving_compiler_options() -> dict[str, str] | None:
+    """``compiler_options`` of the serving program: ``cpu_compiler_options(CPU_SERVING_OPTIONS)``."""
+    return cpu_compiler_options(CPU_SERVING_OPTIONS)
 
 
-def inference_jit(fn, **kwargs):
-    """``jax.jit(fn, **kwargs)`` compiled with ``inference_compiler_options()``."""
-    return jax.jit(fn, compiler_options=inference_compiler_options(), **kwargs)
+def serving_jit(fn, **kwargs):
+    """``jax.jit(fn, **kwargs)`` compiled with ``serving_compiler_options()``."""
+    return jax.jit(fn, compiler_options=serving_compiler_options(), **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +295,7 @@ class ExportedClassifier:
             self.params = [jax.device_put(arrays[f"p{i:04d}"]) for i in range(len(arrays.files))]
         self.tokenizer = tokenizers.Tokenizer.from_file(str(folder / TOKENIZER_FILE))
         self._tokenize = TextTokenizer(self.tokenizer, self.meta["max_length"])
-        self._program = inference_jit(self.exported.call)
+        self._program = serving_jit(self.exported.call)
 
     @property
     def label_names(self) -> list[str]:

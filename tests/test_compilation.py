@@ -59,7 +59,7 @@ def test_argument_is_used_without_the_environment_variable(tmp_path):
     assert not (tmp_path / ".cache").exists()
 
 
-# ---------------------------------------------------------------------- inference compiler options
+# ---------------------------------------------------------------------- XLA:CPU compiler options
 
 
 def _ynn_ops(compiled) -> int:
@@ -67,10 +67,10 @@ def _ynn_ops(compiled) -> int:
     return compiled.as_text().count('"kind":"__ynn_fusion"')
 
 
-def test_inference_programs_compile_without_ynnpack_fusions(monkeypatch):
-    """Early exit's programs and the evaluation forward take ``CPU_INFERENCE_OPTIONS``; XLA's
-    defaults stay for everything else, and an environment variable or an XLA that does not know
-    the options gives XLA's defaults."""
+def test_the_serving_program_compiles_without_ynnpack_fusions(monkeypatch):
+    """Early exit as one program takes ``CPU_SERVING_OPTIONS``; the runner's batch functions and
+    the evaluation forward keep XLA's defaults; an environment variable or an XLA that does not
+    know the options gives XLA's defaults."""
     import jax
     import numpy as np
 
@@ -89,22 +89,22 @@ def test_inference_programs_compile_without_ynnpack_fusions(monkeypatch):
         import pytest
 
         pytest.skip("this XLA:CPU emits no YNNPACK fusion for the model: nothing to turn off")
-    assert runtime.inference_compiler_options() == runtime.CPU_INFERENCE_OPTIONS
+    assert runtime.serving_compiler_options() == runtime.CPU_SERVING_OPTIONS
     runner = EarlyExitRunner(model, params)
-    assert _ynn_ops(runner._full.lower(runner.params, *inputs).compile()) == 0
     program = runner.program("entropy").func  # the jitted program (a partial over the weights)
     assert _ynn_ops(program.lower(runner._program_leaves, *inputs, np.float32(0.5)).compile()) == 0
+    assert _ynn_ops(runner._full.lower(runner.params, *inputs).compile()) == default
     batch = dict(zip(("input_ids", "attention_mask", "token_type_ids"), inputs, strict=True))
-    assert _ynn_ops(make_predict_fn(model).lower(params, batch).compile()) == 0
+    assert _ynn_ops(make_predict_fn(model).lower(params, batch).compile()) == default
 
     for env, options in ((("GAML_JAX_XLA_DEFAULTS", "1"), {}), (None, {"xla_cpu_no_such_option": ""})):
         with monkeypatch.context() as m:
             if env:
                 m.setenv(*env)
             if options:
-                m.setattr(runtime, "CPU_INFERENCE_OPTIONS", options)
-            assert runtime.inference_compiler_options() is None
-            assert _ynn_ops(runtime.inference_jit(full).lower(params, *inputs).compile()) == default
+                m.setattr(runtime, "CPU_SERVING_OPTIONS", options)
+            assert runtime.serving_compiler_options() is None
+            assert _ynn_ops(runtime.serving_jit(full).lower(params, *inputs).compile()) == default
 
 
 def test_the_train_step_compiles_with_the_training_options(monkeypatch):
