@@ -28,12 +28,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.bench_vs_torch import CLIP, EXIT_LR, LR, SHAPES, WEIGHT_DECAY, make_batch  # noqa: E402
+from bench.bench_vs_torch import SHAPES, bench_optimizer, make_batch  # noqa: E402
 from gaml_jax.config import ModelConfig  # noqa: E402
 from gaml_jax.early_exit import early_exit_program, serving_params  # noqa: E402
 from gaml_jax.model import MultiExitBert  # noqa: E402
 from gaml_jax.runtime import CPU_SERVING_OPTIONS  # noqa: E402
-from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer, train_step  # noqa: E402
+from gaml_jax.train_step import create_train_state, dropout_key, train_step  # noqa: E402
 
 
 def parse_options(items: list[str]) -> dict[str, str]:
@@ -81,15 +81,7 @@ def programs(options: dict[str, str], config: ModelConfig, params, quick: bool):
     out[f"forward, {shape}"][1] = lambda: jax.block_until_ready(exe_f(params, *inputs))
     batch = jax.device_put(batch)
     for method in ("ce", "gaml"):
-        tx = make_optimizer(
-            method=method,
-            total_steps=10_000,
-            learning_rate=LR,
-            exit_learning_rate=EXIT_LR,
-            warmup_steps=10,
-            weight_decay=WEIGHT_DECAY,
-            grad_clip_norm=CLIP,
-        )
+        tx = bench_optimizer(method)
         state = create_train_state(jax.tree.map(jnp.copy, params), tx)
         step = functools.partial(train_step, model=model, tx=tx)
         name = f"{method.upper()} train step, {shape}"

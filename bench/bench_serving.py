@@ -14,9 +14,9 @@ Each round times every method on each sentence in turn (so that bursts of load o
 hit all of them alike), after a round that compiles every shape; the table gives each method's
 p50 and p95 over sentences and rounds, PyTorch's p50 over its p50, and the median over sentences
 of PyTorch's time over its own on the same sentence, timed back to back ("paired"), and the
-ratio of mean latencies (which padding moves most: the median sentence pads alike either way). PyTorch runs
-unpadded at 1 thread and at all cores, both timed in every round, and the faster of the two at
-p50 is the reference; ours pads a lone example as ``EarlyExitClassifier`` does, to a multiple of
+ratio of mean latencies (which padding moves most: the median sentence pads alike either way).
+PyTorch runs unpadded at 1 thread and at all cores, both timed in every round, and the faster of
+the two at p50 is the reference; ours pads a lone example as ``EarlyExitClassifier`` does, to a multiple of
 8 tokens (``runtime.SINGLE_LENGTH_MULTIPLE``), and the runner is timed padded to the length
 buckets too, as it was padded before.
 

@@ -89,10 +89,9 @@ def peak_flops() -> tuple[str, float | None]:
 # --------------------------------------------------------------------------- ours
 
 
-def jax_step(config: ModelConfig, params, method: str, batch) -> Callable[[], None]:
-    """``run()`` does one compiled update on ``batch`` (on the device) and waits for it."""
-    model = MultiExitBert(config)
-    tx = make_optimizer(
+def bench_optimizer(method: str):
+    """Our optimizer as PyTorch's side has it: AdamW, the exits' own learning rate, clipping."""
+    return make_optimizer(
         method=method,
         total_steps=10_000,
         learning_rate=LR,
@@ -101,6 +100,12 @@ def jax_step(config: ModelConfig, params, method: str, batch) -> Callable[[], No
         weight_decay=WEIGHT_DECAY,
         grad_clip_norm=CLIP,
     )
+
+
+def jax_step(config: ModelConfig, params, method: str, batch) -> Callable[[], None]:
+    """``run()`` does one compiled update on ``batch`` (on the device) and waits for it."""
+    model = MultiExitBert(config)
+    tx = bench_optimizer(method)
     state = create_train_state(jax.tree.map(jnp.copy, params), tx)  # the step donates its state
     step = jax.jit(  # with the trainer's XLA options
         functools.partial(train_step, model=model, tx=tx),

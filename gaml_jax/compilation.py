@@ -26,9 +26,9 @@ MIN_COMPILE_SECONDS = 0.0
 # XLA:CPU options of the train step: XLA's FAST_COMPILE preset. Measured side by side on a 2-core
 # AVX2 CPU (bench/bench_cpu_options.py, MiniLM shape, 32 x 64, in both orders): tracing and
 # compiling took 11-14% less (CE step 13.7 and 14.4 s against 15.7 and 16.1 s, GAML step 15.7 and
-# 16.7 s against 18.2 and 17.7 s) and the step ran no slower (0.96-1.01x the time). The inference
-# serving program has its own (runtime.CPU_SERVING_OPTIONS). GAML_JAX_XLA_DEFAULTS=1 keeps XLA's
-# defaults for both.
+# 16.7 s against 18.2 and 17.7 s) and the step ran no slower (0.96-1.01x the time). The serving
+# program has its own (runtime.CPU_SERVING_OPTIONS). GAML_JAX_XLA_DEFAULTS=1 keeps XLA's defaults
+# for both.
 CPU_TRAINING_OPTIONS = {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}
 
 

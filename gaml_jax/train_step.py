@@ -335,7 +335,9 @@ def data_mesh(devices: list | None = None) -> Mesh:
 
 
 def shard_map_step(step_fn: Callable, mesh: Mesh) -> Callable:
-    """``jit(shard_map(step))``: state replicated, batch split on its leading axis, state donated."""
+    """``jit(shard_map(step))``: state replicated, batch split on its leading axis, state donated;
+    compiled with ``compilation.training_compiler_options()`` (on the CPU, XLA's FAST_COMPILE
+    preset)."""
     step = functools.partial(step_fn, axis_name=DATA_AXIS)
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=(P(), P()))
     return jax.jit(sharded, donate_argnums=0, compiler_options=training_compiler_options())
