@@ -51,48 +51,45 @@ def programs(options: dict[str, str], config: ModelConfig, params, quick: bool):
     """name -> (compile seconds, run()) for the programs compiled with ``options``."""
     model = MultiExitBert(config)
     jit = functools.partial(jax.jit, compiler_options=options or None)
-    out = {}
 
-    def compiled(name, fn, *args, donate=()):
+    def compiled(fn, *args, donate=()):
+        """(seconds to trace, lower and compile, the compiled program)."""
         tic = time.perf_counter()
         exe = jit(fn, donate_argnums=donate).lower(*args).compile()
-        out[name] = [time.perf_counter() - tic, exe]
+        return time.perf_counter() - tic, exe
 
+    out = {}
     leaves, treedef = jax.tree.flatten(serving_params(model, params))
     program = early_exit_program(model, "patience", treedef, tolerance=0.0)
     ids = np.full((1, 32), 1000, np.int32)
     one = (leaves, ids, np.ones_like(ids), np.zeros_like(ids))
-    compiled("early exit, batch 1 x 32", program, *one, np.float32(2))
-    exe = out.pop("early exit, batch 1 x 32")
+    seconds, exe = compiled(program, *one, np.float32(2))
     # Patience 2 stops once three exits agree (layer 3 at the earliest); one beyond the exits runs
     # every layer.
     for patience in (2, 99):
-        layers = int(exe[1](*one, np.float32(patience))[2])
-        out[f"early exit, batch 1 x 32, {layers} layers"] = [
-            exe[0] if patience == 2 else 0.0,
-            lambda patience=patience: jax.block_until_ready(exe[1](*one, np.float32(patience))),
-        ]
+        layers = int(exe(*one, np.float32(patience))[2])
+        out[f"early exit, batch 1 x 32, {layers} layers"] = (
+            seconds if patience == 2 else 0.0,
+            lambda patience=patience: jax.block_until_ready(exe(*one, np.float32(patience))),
+        )
     batch = make_batch(8 if quick else 32, 32 if quick else 64, config.vocab_size)
     shape = f"{batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]}"
     inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    forward = lambda p, *x: model.apply({"params": p}, *x).logits
-    compiled(f"forward, {shape}", forward, params, *inputs)
-    exe_f = out[f"forward, {shape}"][1]
-    out[f"forward, {shape}"][1] = lambda: jax.block_until_ready(exe_f(params, *inputs))
+    seconds, forward = compiled(lambda p, *x: model.apply({"params": p}, *x).logits, params, *inputs)
+    out[f"forward, {shape}"] = (seconds, lambda: jax.block_until_ready(forward(params, *inputs)))
     batch = jax.device_put(batch)
     for method in ("ce", "gaml"):
         tx = bench_optimizer(method)
         state = create_train_state(jax.tree.map(jnp.copy, params), tx)
         step = functools.partial(train_step, model=model, tx=tx)
-        name = f"{method.upper()} train step, {shape}"
-        compiled(name, step, state, batch, dropout_key(0), donate=0)
-        holder = {"state": state, "exe": out[name][1]}
+        seconds, exe_step = compiled(step, state, batch, dropout_key(0), donate=0)
+        holder = {"state": state}
 
-        def run(holder=holder):
-            holder["state"], metrics = holder["exe"](holder["state"], batch, dropout_key(0))
+        def run(holder=holder, exe_step=exe_step):
+            holder["state"], metrics = exe_step(holder["state"], batch, dropout_key(0))
             jax.block_until_ready(metrics)
 
-        out[name][1] = run
+        out[f"{method.upper()} train step, {shape}"] = (seconds, run)
     return out
 
 

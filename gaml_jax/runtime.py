@@ -175,8 +175,8 @@ def tokenize(tokenizer: tokenizers.Tokenizer, examples: list[Example], max_lengt
 # A lone example is padded to a multiple of this many tokens, not to a length bucket: at batch 1
 # every padded token is work thrown away, and one program per length is all that compiles (the
 # early-exit loop). On the rt dev sentences the buckets (32, 64, 128) ran 1.52 tokens per real
-# token, multiples of 8 run 1.12: MiniLM's early exit at batch 1 took 4% less time on average
-# (bench/bench_serving.py), its median no less (the median sentence pads to 32 either way).
+# token, multiples of 8 run 1.12: MiniLM's early exit at batch 1 took 4% less time on average in
+# one run of bench/bench_serving.py, its median no less (the median sentence pads to 32 either way).
 SINGLE_LENGTH_MULTIPLE = 8
 
 
