@@ -11,6 +11,12 @@ go to XLA's own kernels (Eigen); A is XLA's defaults.
 
     python bench/bench_cpu_options.py                    # ~3 minutes on 2 CPU cores
     python bench/bench_cpu_options.py --b xla_cpu_use_xnnpack=false --quick
+    python bench/bench_cpu_options.py --rng-a threefry2x32 --only train \\
+        --a xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE --b xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE
+
+``--rng-a`` / ``--rng-b`` pick each side's dropout PRNG for the train steps: ``trainer`` (the
+default: ``train_step.DROPOUT_RNG_IMPL``, threefry2x32 written out, ``gaml_jax.prng``), JAX's
+``threefry2x32`` (one loop per hash on the CPU), or ``rbg``.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from gaml_jax.config import ModelConfig  # noqa: E402
 from gaml_jax.early_exit import early_exit_program, serving_params  # noqa: E402
 from gaml_jax.model import MultiExitBert  # noqa: E402
 from gaml_jax.runtime import CPU_SERVING_OPTIONS  # noqa: E402
-from gaml_jax.train_step import create_train_state, dropout_key, train_step  # noqa: E402
+from gaml_jax.train_step import DROPOUT_RNG_IMPL, create_train_state, train_step  # noqa: E402
 
 
 def parse_options(items: list[str]) -> dict[str, str]:
@@ -47,8 +53,13 @@ def parse_options(items: list[str]) -> dict[str, str]:
     return out
 
 
-def programs(options: dict[str, str], config: ModelConfig, params, quick: bool):
-    """name -> (compile seconds, run()) for the programs compiled with ``options``."""
+RNG_IMPLS = {"trainer": DROPOUT_RNG_IMPL, "threefry2x32": "threefry2x32", "rbg": "rbg"}
+
+
+def programs(options: dict[str, str], config: ModelConfig, params, quick: bool, rng: str = "trainer"):
+    """name -> (compile seconds, run()) for the programs compiled with ``options``, the train steps
+    drawing dropout masks with the PRNG ``RNG_IMPLS[rng]``."""
+    key = jax.random.key(0, impl=RNG_IMPLS[rng])
     model = MultiExitBert(config)
     jit = functools.partial(jax.jit, compiler_options=options or None)
 
@@ -82,11 +93,11 @@ def programs(options: dict[str, str], config: ModelConfig, params, quick: bool):
         tx = bench_optimizer(method)
         state = create_train_state(jax.tree.map(jnp.copy, params), tx)
         step = functools.partial(train_step, model=model, tx=tx)
-        seconds, exe_step = compiled(step, state, batch, dropout_key(0), donate=0)
+        seconds, exe_step = compiled(step, state, batch, key, donate=0)
         holder = {"state": state}
 
         def run(holder=holder, exe_step=exe_step):
-            holder["state"], metrics = exe_step(holder["state"], batch, dropout_key(0))
+            holder["state"], metrics = exe_step(holder["state"], batch, key)
             jax.block_until_ready(metrics)
 
         out[f"{method.upper()} train step, {shape}"] = (seconds, run)
@@ -102,6 +113,13 @@ def main() -> None:
         default=[f"{k}={v}" for k, v in CPU_SERVING_OPTIONS.items()],
         help="options of B (default: gaml_jax.runtime.CPU_SERVING_OPTIONS)",
     )
+    for side in ("a", "b"):
+        parser.add_argument(
+            f"--rng-{side}",
+            choices=sorted(RNG_IMPLS),
+            default="trainer",
+            help="dropout PRNG of the train steps",
+        )
     parser.add_argument("--repeats", type=int, default=7, help="timed calls of each train step")
     parser.add_argument("--quick", action="store_true", help="batch 8 x 32, 3 repeats")
     parser.add_argument(
@@ -116,8 +134,14 @@ def main() -> None:
     params = jax.device_put(
         MultiExitBert(config).init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]
     )
-    sides = {"A": programs(a, config, params, args.quick), "B": programs(b, config, params, args.quick)}
-    print(f"A: {a or 'XLA defaults'}\nB: {b or 'XLA defaults'}")
+    sides = {
+        "A": programs(a, config, params, args.quick, args.rng_a),
+        "B": programs(b, config, params, args.quick, args.rng_b),
+    }
+    print(
+        f"A: {a or 'XLA defaults'}, dropout PRNG {args.rng_a}\n"
+        f"B: {b or 'XLA defaults'}, dropout PRNG {args.rng_b}"
+    )
     print(f"{'':40}{'A ms':>9}{'B ms':>9}{'A / B':>8}{'compile A s':>13}{'B s':>7}")
     only = args.only.split(",")
     for name in [name for name in sides["A"] if any(part in name for part in only)]:

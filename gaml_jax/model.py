@@ -278,7 +278,11 @@ class MultiExitBert(nn.Module):
         count = cfg.num_hidden_layers
         body = BertLayer(cfg, parent=None)
         per_layer = [self.variables["params"][names.layer(i)] for i in range(count)]
-        keys = None if deterministic else jax.random.split(self.make_rng("dropout"), count)
+        keys = None
+        if not deterministic:
+            # Computed once: without the barrier XLA recomputes the chain of hashes that derives a
+            # layer's key inside every dropout site's kernel (see gaml_jax.prng).
+            keys = jax.lax.optimization_barrier(jax.random.split(self.make_rng("dropout"), count))
 
         def apply(params, hidden: Array, key: Array | None) -> Array:
             rngs = None if key is None else {"dropout": key}

@@ -34,6 +34,7 @@ from gaml_jax.alignment import GradientAlignmentState, alignment_diagnostics, gr
 from gaml_jax.compilation import training_compiler_options
 from gaml_jax.losses import ce_loss, exit_weights, mutual_learning_loss, per_exit_ce
 from gaml_jax.model import MultiExitBert
+from gaml_jax.prng import THREEFRY_UNROLLED
 
 PyTree = Any
 Batch = dict[str, jax.Array]
@@ -198,12 +199,14 @@ def uses_kd(opt_state: optax.OptState) -> bool:
     return bool(optax.tree_utils.tree_get_all_with_path(opt_state, GradientAlignmentState.__name__))
 
 
-# The dropout stream's PRNG. JAX's "rbg" (XLA's RngBitGenerator draws the bits, where threefry2x32
-# is written out in integer operations at every dropout site) was measured here and not taken: the
-# MiniLM GAML step alone compiled in 13.6 +- 0.9 s against 15.5 +- 2.2 s (six compiles each, a
-# noisy 2-core box) and ran ~3% faster, but a whole cold 20-step train.py run compiled no less
-# (37.1-40.3 s against 37.8-39.0 s) and a warm one took 9.1-11.4 s against 6.6-6.9 s.
-DROPOUT_RNG_IMPL = "threefry2x32"
+# The dropout stream's PRNG: JAX's threefry2x32 with its hash written out (gaml_jax.prng), the same
+# bits as jax.random.key(seed) without the loop JAX:CPU puts in every hash. Measured side by side
+# (bench/bench_cpu_options.py --rng-a/--rng-b; figures in the README's Performance section).
+# JAX's "rbg" (XLA's RngBitGenerator) was measured too and not taken: the MiniLM GAML step alone
+# compiled in 13.6 +- 0.9 s against 15.5 +- 2.2 s (six compiles each, a noisy 2-core box) and ran
+# ~3% faster, but a whole cold 20-step train.py run compiled no less (37.1-40.3 s against
+# 37.8-39.0 s) and a warm one took 9.1-11.4 s against 6.6-6.9 s.
+DROPOUT_RNG_IMPL = THREEFRY_UNROLLED
 
 
 def dropout_key(seed: int) -> jax.Array:
@@ -234,6 +237,8 @@ def train_step(
     rng = jax.random.fold_in(rng, state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    # The step's key is computed once, not again inside each dropout site's kernel (gaml_jax.prng).
+    rng = jax.lax.optimization_barrier(rng)
     weights = batch["weights"]
     count = weights.sum()
     if axis_name is not None:
