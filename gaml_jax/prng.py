@@ -3,8 +3,8 @@
 On the CPU, JAX lowers each threefry2x32 hash as a ``while`` loop over its five groups of four
 rounds (it keeps programs small). A training step hashes at every dropout site and at every key
 Flax derives for one (``make_rng`` folds the module path in): the MiniLM GAML step had 53 such
-loops, and XLA:CPU compiles each loop's body and condition as programs of their own. Written
-out, the rounds are plain integer operations that XLA fuses into the dropout masks' kernels.
+loops, each with a body and a condition of its own, apart from the masks' kernels. Written out,
+the rounds are plain integer operations that XLA fuses into the kernels that draw the masks.
 
 :data:`THREEFRY_UNROLLED` is a PRNG implementation (``jax.extend.random.define_prng_impl``)
 that computes exactly JAX's partitionable threefry2x32 (``jax_threefry_partitionable``, JAX's
