@@ -50,19 +50,18 @@ def threefry2x32(
     return x1, x2
 
 
-def _counters(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """The 64-bit row-major index of every element of ``shape`` as (high, low) uint32 words."""
+def _hashed_counters(key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """The hash of every element's 64-bit row-major index in ``shape`` (as a (high, low) uint32
+    counter pair) under ``key``: what JAX's partitionable splits and bits are made of."""
     size = math.prod(shape)
     if size >= 2**32:
         raise NotImplementedError(f"random bits of {size} elements: at most 2**32 - 1 per draw.")
     low = jax.lax.iota(np.uint32, size).reshape(shape)
-    return jnp.zeros(shape, np.uint32), low
+    return threefry2x32(key[0], key[1], jnp.zeros(shape, np.uint32), low)
 
 
 def _split(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    high, low = _counters(tuple(shape))
-    bits1, bits2 = threefry2x32(key[0], key[1], high, low)
-    return jnp.stack([bits1, bits2], axis=-1)
+    return jnp.stack(_hashed_counters(key, tuple(shape)), axis=-1)
 
 
 def _fold_in(key: jax.Array, data: jax.Array) -> jax.Array:
@@ -74,8 +73,7 @@ def _fold_in(key: jax.Array, data: jax.Array) -> jax.Array:
 def _random_bits(key: jax.Array, bit_width: int, shape: tuple[int, ...]) -> jax.Array:
     if bit_width not in (8, 16, 32, 64):
         raise TypeError(f"random bits of width {bit_width}: 8, 16, 32 or 64 only.")
-    high, low = _counters(tuple(shape))
-    bits1, bits2 = threefry2x32(key[0], key[1], high, low)
+    bits1, bits2 = _hashed_counters(key, tuple(shape))
     if bit_width == 64:
         return (bits1.astype(np.uint64) << np.uint64(32)) | bits2.astype(np.uint64)
     bits = bits1 ^ bits2
