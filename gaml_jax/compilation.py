@@ -1,8 +1,10 @@
-"""JAX's persistent compilation cache, on by default for train.py and eval.py.
+"""Compiling less: JAX's persistent compilation cache, the train step's XLA:CPU options, and
+kernels shared by same-shaped tensors.
 
-A second run of the same programs (the train step for each length bucket, the evaluation and
-early-exit programs) then loads them from disk instead of compiling them again: on the 2-core
-CPU of the demo this turns about a minute of compiling into seconds.
+The persistent cache is on by default for train.py and eval.py. A second run of the same programs
+(the train step for each length bucket, the evaluation and early-exit programs) then loads them
+from disk instead of compiling them again: on the 2-core CPU of the demo this turns about a minute
+of compiling into seconds. :func:`as_runtime_values` makes a first compile shorter.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from gaml_jax import runtime
 
@@ -36,6 +39,47 @@ def training_compiler_options() -> dict[str, str] | None:
     """``compiler_options`` of the train step: ``runtime.cpu_compiler_options(CPU_TRAINING_OPTIONS)``
     (None off the CPU: XLA's defaults)."""
     return runtime.cpu_compiler_options(CPU_TRAINING_OPTIONS)
+
+
+# On the CPU, per-tensor constants (a tensor's offset in the flat optimizer's vectors, a layer's
+# index among the dropout keys) reach the train step's kernels as run-time values
+# (as_runtime_values), so that the kernels of same-shaped tensors and layers are one kernel.
+# Measured side by side (bench/bench_compile.py --variants; README, Performance). False: as before.
+SHARE_KERNELS = True
+
+
+def shares_kernels() -> bool:
+    """Whether :func:`as_runtime_values` hides its values: ``SHARE_KERNELS`` on the CPU backend."""
+    return SHARE_KERNELS and jax.default_backend() == "cpu"
+
+
+def as_runtime_values(values: tuple[jax.Array, ...], witness: jax.Array) -> tuple[jax.Array, ...]:
+    """``values``, unchanged, as values XLA only knows at run time (on the CPU; elsewhere as given).
+
+    XLA:CPU compiles one kernel per distinct fused computation and reuses it for identical ones.
+    Two updates of same-shaped tensors, ``param + vector[offset:offset + size]``, differ only in
+    their constant offset, and so compile twice; with the offset a run-time value they are one
+    kernel. The values come out of a ``lax.while_loop`` whose condition never holds: its counter
+    starts at ``witness``'s first element with the sign bit cleared (never negative, which XLA
+    cannot prove from a value it only sees at run time), and it loops while the counter is
+    negative. The loop's condition costs one scalar comparison per call.
+
+    Args:
+      values: integer or unsigned arrays, typically scalars.
+      witness: any array computed at run time (never a constant), read for its first element.
+
+    Returns:
+      ``values``, equal element by element.
+    """
+    if not shares_kernels() or not values:
+        return tuple(values)
+    first = jnp.ravel(witness)[0].astype(jnp.float32)
+    never_negative = jnp.bitwise_and(jax.lax.bitcast_convert_type(first, jnp.int32), jnp.int32(0x7FFFFFFF))
+    # The body is never run; it only has to depend on its carry, else XLA folds the loop away.
+    carry = jax.lax.while_loop(
+        lambda c: c[0] < 0, lambda c: tuple(x * x + 1 for x in c), (never_negative, *values)
+    )
+    return carry[1:]
 
 
 def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from gaml_jax import names
+from gaml_jax.compilation import as_runtime_values
 from gaml_jax.config import ModelConfig
 
 Array = jax.Array
@@ -283,6 +284,12 @@ class MultiExitBert(nn.Module):
             # Computed once: without the barrier XLA recomputes the chain of hashes that derives a
             # layer's key inside every dropout site's kernel (see gaml_jax.prng).
             keys = jax.lax.optimization_barrier(jax.random.split(self.make_rng("dropout"), count))
+            if not cfg.scan_layers:
+                # Each layer's key a run-time value rather than a constant slice of ``keys``: the
+                # layers' dropout kernels are then identical and compiled once, not once per layer.
+                data = jax.random.key_data(keys)
+                rows = as_runtime_values(tuple(data[i] for i in range(count)), data)
+                keys = [jax.random.wrap_key_data(row, impl=jax.random.key_impl(keys)) for row in rows]
 
         def apply(params, hidden: Array, key: Array | None) -> Array:
             rngs = None if key is None else {"dropout": key}

@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from gaml_jax import names
 from gaml_jax.alignment import GradientAlignmentState, alignment_diagnostics, gradient_alignment
-from gaml_jax.compilation import training_compiler_options
+from gaml_jax.compilation import as_runtime_values, training_compiler_options
 from gaml_jax.losses import ce_loss, exit_weights, mutual_learning_loss, per_exit_ce
 from gaml_jax.model import MultiExitBert
 from gaml_jax.prng import THREEFRY_UNROLLED
@@ -84,7 +84,8 @@ def flatten_by_group(
     summed in another order. Why: every per-tensor operation of the chain (inner products, norms,
     the AdamW moments) is emitted once per group rather than once per tensor, which halves the
     compiled step (fewer HLO operations to compile and to load from the cache) at no cost in the
-    step's speed. The optimizer state holds one vector per group and moment.
+    step's speed. The optimizer state holds one vector per group and moment. The updates are cut
+    at offsets XLA sees only at run time (:func:`gaml_jax.compilation.as_runtime_values`).
     """
 
     def layout(tree: PyTree) -> tuple[dict[str, list[int]], list]:
@@ -105,7 +106,17 @@ def flatten_by_group(
         out = list(leaves)
         for key, indices in groups.items():
             sizes = [int(np.prod(leaves[i].shape)) for i in indices]
-            pieces = jnp.split(vectors[key], np.cumsum(sizes)[:-1])
+            if sum(sizes) < 2**31:  # int32 offsets
+                # Each tensor's slice at an offset XLA sees only at run time: the updates of
+                # same-shaped tensors (a layer's and the next layer's) are one compiled kernel.
+                starts = np.cumsum([0, *sizes[:-1]])
+                offsets = as_runtime_values(tuple(jnp.int32(o) for o in starts), vectors[key])
+                pieces = [
+                    jax.lax.dynamic_slice(vectors[key], (o,), (n,))
+                    for o, n in zip(offsets, sizes, strict=True)
+                ]
+            else:
+                pieces = jnp.split(vectors[key], np.cumsum(sizes)[:-1])
             for i, piece in zip(indices, pieces, strict=True):
                 out[i] = piece.reshape(leaves[i].shape).astype(leaves[i].dtype)
         return jax.tree.unflatten(jax.tree.structure(like), out)

@@ -131,3 +131,128 @@ def test_the_train_step_compiles_with_the_training_options(monkeypatch):
     monkeypatch.setattr(train_step, "training_compiler_options", lambda: {"xla_cpu_no_such_option": ""})
     with pytest.raises(Exception, match="No such compile option"):
         train_step.shard_map_step(step, mesh)(*args)
+
+
+# ---------------------------------------------------------------- kernels shared by same shapes
+
+
+def _fused(compiled) -> set[str]:
+    """A compiled program's distinct fused computations (its kernels), up to names."""
+    import re
+
+    blocks = [b for b in compiled.as_text().split("\n\n") if b.lstrip().startswith("%fused")]
+    norm = lambda line: re.sub(r"%[\w.\-]+|param_\d+(\.\d+)?", "x", line.split(", metadata=")[0])
+    return {"\n".join(norm(line) for line in b.strip().splitlines()) for b in blocks}
+
+
+def _slicing_kernels(compiled) -> int:
+    """Distinct fused computations of a compiled program that slice an array."""
+    return sum("slice(" in b for b in _fused(compiled))
+
+
+def test_runtime_values_are_the_values_and_not_constants_of_the_program(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gaml_jax import compilation
+
+    def offsets(w):
+        return compilation.as_runtime_values((jnp.int32(3), jnp.int32(70000), jnp.uint32(2**32 - 1)), w)
+
+    for witness in (np.float32(-2.5), np.full((2, 3), -1, np.int32), np.uint32(2**31 + 5)):
+        out = jax.jit(offsets)(witness)
+        assert [int(x) for x in out] == [3, 70000, 2**32 - 1]
+        assert [x.dtype for x in out] == [jnp.int32, jnp.int32, jnp.uint32]
+    # On the CPU the values leave a loop XLA cannot remove; switched off, they stay constants.
+    assert "while(" in jax.jit(offsets).lower(np.float32(1)).compile().as_text()
+    monkeypatch.setattr(compilation, "SHARE_KERNELS", False)
+    assert not compilation.shares_kernels()
+    compiled = jax.jit(lambda w: offsets(w)).lower(np.float32(1)).compile().as_text()
+    assert "while(" not in compiled
+
+
+def test_the_flat_optimizer_updates_same_shaped_tensors_with_one_kernel(monkeypatch):
+    """The flat optimizer cuts its update vectors at offsets XLA sees only at run time: the
+    updates of same-shaped tensors compile to one kernel, and the numbers are those of constant
+    offsets, bit for bit."""
+    import functools
+
+    import jax
+    import numpy as np
+    import optax
+
+    from gaml_jax import compilation
+    from gaml_jax.train_step import make_optimizer
+
+    rng = np.random.default_rng(0)
+    shapes = {"w": (16, 8), "b": (8,), "LayerNorm": {"scale": (8,)}}
+    params = {
+        f"layer_{i}": jax.tree.map(
+            lambda s: rng.normal(size=s).astype(np.float32), shapes, is_leaf=lambda s: isinstance(s, tuple)
+        )
+        for i in range(6)
+    }
+    params["classifier_0"] = {"kernel": rng.normal(size=(8, 2)).astype(np.float32)}
+    grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+    kd = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+    tx = make_optimizer(
+        method="gaml",
+        total_steps=10,
+        learning_rate=1e-2,
+        exit_learning_rate=1e-1,
+        warmup_steps=0,
+        weight_decay=0.01,
+    )
+
+    def update(params, grads, kd):
+        updates, _ = tx.update(grads, tx.init(params), params, kd_grads=kd)
+        return optax.apply_updates(params, updates)
+
+    results = {}
+    for share in (False, True):
+        monkeypatch.setattr(compilation, "SHARE_KERNELS", share)
+        compiled = jax.jit(functools.partial(update)).lower(params, grads, kd).compile()
+        results[share] = (compiled(params, grads, kd), _slicing_kernels(compiled))
+    for a, b in zip(jax.tree.leaves(results[False][0]), jax.tree.leaves(results[True][0]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Constant offsets: a kernel per tensor (6 layers x 3). Run-time offsets: one per shape and
+    # group (3), and at most one per group computing the loop's counter.
+    assert results[False][1] >= 18 and results[True][1] <= 6, (results[False][1], results[True][1])
+
+
+def test_the_train_step_with_shared_kernels_takes_the_same_steps(monkeypatch):
+    """With dropout, the layers' keys and the optimizer's offsets as run-time values: the same
+    parameters and metrics after two GAML steps, bit for bit, from fewer distinct kernels."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gaml_jax import compilation
+    from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer, train_step
+    from tests.test_train_step import CONFIG, init_params, make_batch
+
+    config = CONFIG.replace(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    model, params = init_params(config)
+    tx = make_optimizer(
+        method="gaml", total_steps=10, learning_rate=1e-3, exit_learning_rate=1e-2, warmup_steps=2
+    )
+    batch = {k: jnp.asarray(v) for k, v in make_batch(3, config).items()}
+    results = {}
+    for share in (False, True):
+        monkeypatch.setattr(compilation, "SHARE_KERNELS", share)
+        step = jax.jit(functools.partial(train_step, model=model, tx=tx))
+        state = create_train_state(params, tx)
+        compiled = step.lower(state, batch, dropout_key(3)).compile()
+        for _ in range(2):
+            state, metrics = compiled(state, batch, dropout_key(3))
+        kernels = _fused(compiled)
+        results[share] = (state, metrics, len(kernels), sum("xor(" in k for k in kernels))
+    for a, b in zip(jax.tree.leaves(results[False][:2]), jax.tree.leaves(results[True][:2]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    (_, _, before, hashing_before), (_, _, shared, hashing_shared) = results[False], results[True]
+    assert shared < before, (before, shared)
+    # The kernels that hash (threefry: xor) a site's key out of its layer's: one per layer before.
+    assert hashing_shared < hashing_before, (hashing_before, hashing_shared)
