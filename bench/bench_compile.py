@@ -10,7 +10,9 @@ from the cache. The default 40 steps meet all three buckets, as a whole ``make d
 
 ``--variants`` compiles the GAML train step of the model with its layers unrolled
 (the default), with the optimizer chain per tensor rather than on flat vectors (``tree-opt``:
-``make_optimizer(flat=False)``, the form before the flat one), scanned
+``make_optimizer(flat=False)``, the form before the flat one), with a kernel per tensor and
+layer (``per-tensor``: ``compilation.SHARE_KERNELS`` off, the form before kernels were shared by
+same-shaped tensors), scanned
 (``model.scan_layers=True``: one compiled layer body), scanned with every layer under
 ``nn.remat``, each compiled with the trainer's options (``compilation.training_compiler_options``:
 XLA:CPU's FAST_COMPILE preset), and unrolled with XLA's default options; for
@@ -194,6 +196,21 @@ def remat_layers():
         m.BertLayer = original
 
 
+@contextlib.contextmanager
+def kernels_per_tensor():
+    """Within it, the step keeps its per-tensor and per-layer constants in its kernels
+    (``compilation.SHARE_KERNELS`` off: the form before): one kernel per tensor's update and per
+    layer's dropout-key hashing instead of one per shape. Trace and compile inside it."""
+    from gaml_jax import compilation
+
+    original = compilation.SHARE_KERNELS
+    compilation.SHARE_KERNELS = False
+    try:
+        yield
+    finally:
+        compilation.SHARE_KERNELS = original
+
+
 def compile_step(model, batch, rng, seq: int, compiler_options: dict | None = None, flat: bool = True):
     """Traces and compiles the GAML step of ``model`` (its optimizer on flat vectors, the default,
     or per tensor): (compiled, state, trace s, compile s, load s, ops)."""
@@ -254,6 +271,7 @@ def bench_variants(batch_size: int, seq: int, repeats: int) -> None:
     for name, model, context, options, flat in (
         ("unrolled", unrolled, contextlib.nullcontext, ours, True),  # the default
         ("tree-opt", unrolled, contextlib.nullcontext, ours, False),  # the optimizer per tensor
+        ("per-tensor", unrolled, kernels_per_tensor, ours, True),  # no kernels shared by shapes
         ("scan", scanned, contextlib.nullcontext, ours, True),
         ("scan+remat", scanned, remat_layers, ours, True),
         ("xla-default", unrolled, contextlib.nullcontext, None, True),  # XLA's default options

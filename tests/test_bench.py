@@ -32,6 +32,7 @@ def test_compile_variants_take_the_same_gaml_step():
     for name, model, context, flat in (
         ("unrolled", unrolled, contextlib.nullcontext, True),
         ("tree-opt", unrolled, contextlib.nullcontext, False),
+        ("per-tensor", unrolled, bench_compile.kernels_per_tensor, True),
         ("scan", scanned, contextlib.nullcontext, True),
         ("scan+remat", scanned, bench_compile.remat_layers, True),
     ):
@@ -41,7 +42,7 @@ def test_compile_variants_take_the_same_gaml_step():
         _, metrics[name] = jax.device_get(compiled(state, batch, rng))
     # Dropout is on in the step: the same keys per layer in every form, so the same losses and
     # gradient norms (float32 sums in other orders aside).
-    for name in ("tree-opt", "scan", "scan+remat"):
+    for name in ("tree-opt", "per-tensor", "scan", "scan+remat"):
         for key in ("ce", "kd", "grad_norm_ce"):
             np.testing.assert_allclose(metrics[name][key], metrics["unrolled"][key], rtol=1e-5, err_msg=name)
 

@@ -150,12 +150,22 @@ def _slicing_kernels(compiled) -> int:
     return sum("slice(" in b for b in _fused(compiled))
 
 
+def _on_cpu_only():
+    import jax
+    import pytest
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("kernels are shared on the CPU only (compilation.shares_kernels)")
+
+
 def test_runtime_values_are_the_values_and_not_constants_of_the_program(monkeypatch):
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from gaml_jax import compilation
+
+    _on_cpu_only()
 
     def offsets(w):
         return compilation.as_runtime_values((jnp.int32(3), jnp.int32(70000), jnp.uint32(2**32 - 1)), w)
@@ -168,6 +178,7 @@ def test_runtime_values_are_the_values_and_not_constants_of_the_program(monkeypa
     assert "while(" in jax.jit(offsets).lower(np.float32(1)).compile().as_text()
     monkeypatch.setattr(compilation, "SHARE_KERNELS", False)
     assert not compilation.shares_kernels()
+    # A new function, so that JAX traces again rather than reusing the trace of the first jit.
     compiled = jax.jit(lambda w: offsets(w)).lower(np.float32(1)).compile().as_text()
     assert "while(" not in compiled
 
@@ -185,6 +196,7 @@ def test_the_flat_optimizer_updates_same_shaped_tensors_with_one_kernel(monkeypa
     from gaml_jax import compilation
     from gaml_jax.train_step import make_optimizer
 
+    _on_cpu_only()
     rng = np.random.default_rng(0)
     shapes = {"w": (16, 8), "b": (8,), "LayerNorm": {"scale": (8,)}}
     params = {
@@ -212,6 +224,7 @@ def test_the_flat_optimizer_updates_same_shaped_tensors_with_one_kernel(monkeypa
     results = {}
     for share in (False, True):
         monkeypatch.setattr(compilation, "SHARE_KERNELS", share)
+        # A new partial each time: JAX traces anew rather than reusing the other form's trace.
         compiled = jax.jit(functools.partial(update)).lower(params, grads, kd).compile()
         results[share] = (compiled(params, grads, kd), _slicing_kernels(compiled))
     for a, b in zip(jax.tree.leaves(results[False][0]), jax.tree.leaves(results[True][0]), strict=True):
@@ -234,6 +247,7 @@ def test_the_train_step_with_shared_kernels_takes_the_same_steps(monkeypatch):
     from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer, train_step
     from tests.test_train_step import CONFIG, init_params, make_batch
 
+    _on_cpu_only()
     config = CONFIG.replace(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
     model, params = init_params(config)
     tx = make_optimizer(
