@@ -287,9 +287,9 @@ class MultiExitBert(nn.Module):
             if not cfg.scan_layers:
                 # Each layer's key a run-time value rather than a constant slice of ``keys``: the
                 # layers' dropout kernels are then identical and compiled once, not once per layer.
-                data = jax.random.key_data(keys)
+                data, impl = jax.random.key_data(keys), jax.random.key_impl(keys)
                 rows = as_runtime_values(tuple(data[i] for i in range(count)), data)
-                keys = [jax.random.wrap_key_data(row, impl=jax.random.key_impl(keys)) for row in rows]
+                keys = [jax.random.wrap_key_data(row, impl=impl) for row in rows]
 
         def apply(params, hidden: Array, key: Array | None) -> Array:
             rngs = None if key is None else {"dropout": key}
