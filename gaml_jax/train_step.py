@@ -106,17 +106,17 @@ def flatten_by_group(
         out = list(leaves)
         for key, indices in groups.items():
             sizes = [int(np.prod(leaves[i].shape)) for i in indices]
+            starts = np.cumsum([0, *sizes[:-1]])
             if sum(sizes) < 2**31:  # int32 offsets
                 # Each tensor's slice at an offset XLA sees only at run time: the updates of
                 # same-shaped tensors (a layer's and the next layer's) are one compiled kernel.
-                starts = np.cumsum([0, *sizes[:-1]])
                 offsets = as_runtime_values(tuple(jnp.int32(o) for o in starts), vectors[key])
                 pieces = [
                     jax.lax.dynamic_slice(vectors[key], (o,), (n,))
                     for o, n in zip(offsets, sizes, strict=True)
                 ]
             else:
-                pieces = jnp.split(vectors[key], np.cumsum(sizes)[:-1])
+                pieces = jnp.split(vectors[key], starts[1:])
             for i, piece in zip(indices, pieces, strict=True):
                 out[i] = piece.reshape(leaves[i].shape).astype(leaves[i].dtype)
         return jax.tree.unflatten(jax.tree.structure(like), out)
