@@ -538,6 +538,13 @@ def _make_batch(split: EncodedSplit, rows: np.ndarray, real: np.ndarray, seq_len
     }
 
 
+def batch_of_length(split: EncodedSplit, batch_size: int, seq_len: int) -> Batch:
+    """`batch_size` rows of `split` (its first, repeated if it has fewer) padded to `seq_len`: a
+    batch of the shapes and dtypes the streams yield at that length, to compile a program for it."""
+    rows = np.arange(batch_size) % split.num_examples
+    return _make_batch(split, rows, np.ones(batch_size, bool), seq_len)
+
+
 def _check_processes(batch_size: int, process_index: int, process_count: int) -> int:
     if batch_size <= 0 or batch_size % process_count:
         raise ValueError(
@@ -579,6 +586,63 @@ def train_batches(
     batch, so every process's batch has the same shape.
     """
     local = _check_processes(global_batch_size, process_index, process_count)
+    real = np.ones(local, bool)
+    schedule = _train_schedule(
+        split,
+        global_batch_size,
+        seed=seed,
+        start_step=start_step,
+        buckets=buckets,
+        max_length=max_length,
+        length_group_batches=length_group_batches,
+    )
+    return (
+        _make_batch(split, rows[process_index * local : (process_index + 1) * local], real, seq_len)
+        for rows, seq_len in schedule
+    )
+
+
+def train_lengths(
+    split: EncodedSplit,
+    global_batch_size: int,
+    num_steps: int,
+    *,
+    seed: int,
+    start_step: int = 0,
+    buckets: Sequence[int],
+    max_length: int,
+    length_group_batches: int = 0,
+) -> list[int]:
+    """The padded lengths of the `num_steps` training batches from `start_step` on, each once, in
+    the order the run first meets them: the shapes `train_batches` (same arguments) will yield, so
+    that the train step can be compiled for each before the first step, without making a batch."""
+    schedule = _train_schedule(
+        split,
+        global_batch_size,
+        seed=seed,
+        start_step=start_step,
+        buckets=buckets,
+        max_length=max_length,
+        length_group_batches=length_group_batches,
+    )
+    lengths: dict[int, None] = {}
+    for _, seq_len in itertools.islice(schedule, num_steps):
+        lengths.setdefault(seq_len)
+    return list(lengths)
+
+
+def _train_schedule(
+    split: EncodedSplit,
+    global_batch_size: int,
+    *,
+    seed: int,
+    start_step: int,
+    buckets: Sequence[int],
+    max_length: int,
+    length_group_batches: int,
+) -> Iterator[tuple[np.ndarray, int]]:
+    """(rows of the global batch, padded length) of every step from `start_step` on, endlessly:
+    the order `train_batches` documents."""
     num_steps = steps_per_epoch(split, global_batch_size)
     if num_steps == 0:
         raise ValueError(
@@ -588,9 +652,8 @@ def train_batches(
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     lengths = split.lengths
-    real = np.ones(local, bool)
 
-    def batches() -> Iterator[Batch]:
+    def schedule() -> Iterator[tuple[np.ndarray, int]]:
         epoch, first = divmod(start_step, num_steps)
         while True:
             rng = np.random.default_rng([seed, epoch])
@@ -606,12 +669,10 @@ def train_batches(
                 order = order.reshape(num_steps, global_batch_size)[rng.permutation(num_steps)].reshape(-1)
             for step in range(first, num_steps):
                 rows = order[step * global_batch_size : (step + 1) * global_batch_size]
-                seq_len = _pad_length(int(lengths[rows].max()), buckets, max_length)
-                mine = rows[process_index * local : (process_index + 1) * local]
-                yield _make_batch(split, mine, real, seq_len)
+                yield rows, _pad_length(int(lengths[rows].max()), buckets, max_length)
             epoch, first = epoch + 1, 0
 
-    return batches()
+    return schedule()
 
 
 def eval_batches(

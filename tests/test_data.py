@@ -375,6 +375,19 @@ def test_length_grouping_sorts_windows_and_keeps_every_example(rt):
     np.testing.assert_array_equal(next(resumed)["input_ids"], batches[-1]["input_ids"])
 
 
+def test_train_lengths_are_the_lengths_the_batches_take_in_first_use_order(rt):
+    split = rt[1]["validation"]  # 1,066 rows: 33 steps of 32 an epoch, so 40 steps cross into epoch 1
+    for grouping in (0, 4):
+        kwargs = dict(seed=7, buckets=(8, 16, 24, 32, 48, 64), max_length=128, length_group_batches=grouping)
+        for start, steps in ((0, 3), (30, 40), (5, 1)):
+            stream = data.train_batches(split, 32, start_step=start, **kwargs)
+            widths = [next(stream)["input_ids"].shape[1] for _ in range(steps)]
+            expected = list(dict.fromkeys(widths))  # each once, in the order first met
+            assert data.train_lengths(split, 32, steps, start_step=start, **kwargs) == expected
+            if steps > 10:
+                assert len(expected) >= 3  # the check meets several lengths
+
+
 def test_resume_gives_the_same_batches(rt):
     split = rt[1]["train"]
     steps = data.steps_per_epoch(split, 64)
