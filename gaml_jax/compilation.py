@@ -1,5 +1,5 @@
-"""Compiling less: JAX's persistent compilation cache, the train step's XLA:CPU options, and
-kernels shared by same-shaped tensors.
+"""Compiling less: JAX's persistent compilation cache, the train step's XLA:CPU options,
+kernels shared by same-shaped tensors, and programs compiled ahead, several at once.
 
 The persistent cache is on by default for train.py and eval.py. A second run of the same programs
 (the train step for each length bucket, the evaluation and early-exit programs) then loads them
@@ -10,7 +10,10 @@ of compiling into seconds. :func:`as_runtime_values` makes a first compile short
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -101,3 +104,79 @@ def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> Path
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     return folder
+
+
+# ---------------------------------------------------------------- programs compiled ahead
+
+# How many programs compile_ahead compiles at once; None: as many as the host has cores, at least 2.
+# XLA compiles a program mostly on one thread (its passes, code generation and linking; only the
+# kernels fan out), and releases Python's lock while it does: on a 2-core CPU, the three length
+# buckets' MiniLM GAML steps, lowered one after the other, compiled in 34-35 s of wall clock two or
+# three at a time, against 44 s one at a time, for about the same CPU time (a scratch script;
+# bench/bench_compile.py --train --first-call measures train.py; README, Performance).
+AHEAD_WORKERS: int | None = None
+
+
+class CompiledAhead:
+    """A jitted function, with programs compiled ahead of its calls (:func:`compile_ahead`).
+
+    ``key(*args)`` names the program a call needs (the training batch's padded length, say). A call
+    whose key has a program compiled ahead runs that program; any other goes through the jitted
+    function, which compiles it then, as jit always does. The arguments of a program compiled ahead
+    must match its example's shapes, dtypes and shardings (JAX checks them).
+
+    Args:
+      fn: a function made by ``jax.jit`` (donation and compiler options carry over).
+      key: maps a call's arguments to a hashable name of the program they need.
+    """
+
+    def __init__(self, fn: Callable, key: Callable[..., Hashable]):
+        self.fn, self.key = fn, key
+        self.programs: dict[Hashable, jax.stages.Compiled] = {}
+
+    def __call__(self, *args):
+        program = self.programs.get(self.key(*args)) if self.programs else None
+        return (self.fn if program is None else program)(*args)
+
+
+def compile_ahead(
+    jobs: Sequence[tuple[CompiledAhead, tuple[Any, ...]]],
+    *,
+    workers: int | None = None,
+    progress: Callable[[], None] | None = None,
+) -> None:
+    """Compiles each ``(function, example arguments)`` of ``jobs``, several at once, and keeps the
+    programs in their functions (:class:`CompiledAhead`), for calls with the same key.
+
+    Each job is traced and lowered in this thread, in order (tracing holds Python's lock), and
+    compiled on a pool of ``workers`` threads (``AHEAD_WORKERS`` if None) while the next one is
+    lowered. Jobs whose key already has a program, or repeats an earlier job's, are skipped. A
+    program found in the persistent cache is loaded from it instead, as by jit. Returns when every
+    program is ready; a compilation's error is raised here.
+
+    Args:
+      jobs: (function, example arguments): arrays or ``jax.ShapeDtypeStruct``, with the shardings
+        of the calls to come; a donated argument is not consumed.
+      workers: how many programs compile at once.
+      progress: called once per program ready (a progress bar's update, say).
+    """
+    todo, keys = [], set()
+    for fn, args in jobs:
+        key = fn.key(*args)
+        if key not in fn.programs and (id(fn), key) not in keys:
+            keys.add((id(fn), key))
+            todo.append((fn, key, args))
+    if not todo:
+        return
+    workers = workers or AHEAD_WORKERS or max(2, os.cpu_count() or 1)
+
+    def compile_one(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+        compiled = lowered.compile()
+        if progress is not None:
+            progress()
+        return compiled
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(todo)), thread_name_prefix="compile") as pool:
+        futures = [(fn, key, pool.submit(compile_one, fn.fn.lower(*args))) for fn, key, args in todo]
+        for fn, key, future in futures:
+            fn.programs[key] = future.result()

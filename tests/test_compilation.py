@@ -270,3 +270,58 @@ def test_the_train_step_with_shared_kernels_takes_the_same_steps(monkeypatch):
     assert shared < before, (before, shared)
     # The kernels that hash (threefry: xor) a site's key out of its layer's: one per layer before.
     assert hashing_shared < hashing_before, (hashing_before, hashing_shared)
+
+
+# ---------------------------------------------------------------- programs compiled ahead
+
+
+def test_programs_compiled_ahead_run_in_place_of_jit_and_compile_on_the_pool():
+    """compile_ahead compiles each (function, arguments) once, on its worker threads, and the
+    function then runs those programs for calls with the same key, with jit's results; a call with
+    another key compiles through jit as usual; a compilation's error is raised by compile_ahead."""
+    import threading
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import pytest
+
+    from gaml_jax.compilation import CompiledAhead, compile_ahead
+
+    compiles = []  # (program, thread) of each backend compilation
+
+    def listen(event, secs, fun_name="", **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append((fun_name, threading.current_thread().name))
+
+    def affine(w, batch):
+        return jnp.tanh(batch["x"] @ w) * 2.0 + 1.0
+
+    w = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
+    batches = [{"x": np.arange(n * 4, dtype=np.float32).reshape(n, 4) / 7} for n in (2, 5, 3)]
+    fn = CompiledAhead(jax.jit(affine), key=lambda w, batch: batch["x"].shape)
+    ready = []
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        # Repeated and already-compiled jobs are skipped: three programs for five jobs.
+        compile_ahead(
+            [(fn, (w, b)) for b in batches[:2] + batches[:2]], workers=2, progress=lambda: ready.append(1)
+        )
+        compile_ahead([(fn, (w, batches[0])), (fn, (w, batches[2]))], workers=2)
+        assert sorted(fn.programs) == [(2, 4), (3, 4), (5, 4)] and len(ready) == 2
+        ahead = [name for name, thread in compiles if thread.startswith("compile")]
+        assert ahead == ["jit(affine)"] * 3 and len(compiles) == 3
+        for b in batches:
+            np.testing.assert_allclose(fn(w, b), np.tanh(b["x"] @ w) * 2 + 1, rtol=1e-6, atol=1e-6)
+        assert len(compiles) == 3  # the calls ran the programs compiled ahead
+        np.testing.assert_allclose(
+            fn(w, {"x": np.ones((7, 4), np.float32)}), np.tanh(np.ones((7, 4)) @ w) * 2 + 1, rtol=1e-6
+        )
+        assert compiles[3:] == [("jit(affine)", threading.current_thread().name)]  # jit, in this thread
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    bad = CompiledAhead(jax.jit(affine, compiler_options={"xla_cpu_no_such_option": ""}), key=lambda w, b: 0)
+    if jax.default_backend() == "cpu":
+        with pytest.raises(Exception, match="No such compile option"):
+            compile_ahead([(bad, (w, batches[0]))])
+        assert not bad.programs
