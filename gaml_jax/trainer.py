@@ -28,6 +28,7 @@ from gaml_jax.checkpoints import (
     write_json_atomic,
     write_run_metadata,
 )
+from gaml_jax.compilation import CompiledAhead, compile_ahead
 from gaml_jax.evaluator import exit_scores, make_predict_fn, predict_exits
 from gaml_jax.tasks import TaskInfo
 from gaml_jax.train_step import (
@@ -51,6 +52,11 @@ from gaml_jax.weights import load_pretrained, load_tokenizer
 from gaml_jax.writer import MetricWriter
 
 PARALLEL_FORMS = ("shard_map", "pmap")
+
+# Whether a shard_map run compiles its programs (the train step for every padded length it will
+# meet, the evaluation for every dev length) before its first step, several at once
+# (compilation.compile_ahead). False: each compiles when first called, one at a time.
+COMPILE_AHEAD = True
 
 # Fields a resumed run may change: they alter neither the data, the model nor the updates, only how
 # often the run logs and checkpoints, where tokens are cached, how dev batches are cut, and how the
@@ -222,10 +228,17 @@ class _Parallel(NamedTuple):
     eval_params: Callable  # device state -> params replicated over the mesh (evaluation)
 
 
+def _batch_shape(*args) -> tuple[int, ...]:
+    """The program a call of the step (state, batch, rng) or of predict (params, batch) needs: its
+    batch's shape (the length bucket; the batch size is the run's)."""
+    return args[1]["input_ids"].shape
+
+
 def _parallel(form: str, step_fn: Callable, mesh: jax.sharding.Mesh) -> _Parallel:
     if form == "shard_map":
         return _Parallel(
-            step=shard_map_step(step_fn, mesh),
+            # Compiled ahead, for every length the run will meet, before the first step.
+            step=CompiledAhead(shard_map_step(step_fn, mesh), key=_batch_shape),
             put_state=lambda state: replicate(state, mesh),
             put_batch=lambda batch: shard_batch(batch, mesh),
             unreplicate=lambda tree: tree,  # global arrays, replicated over the mesh
@@ -360,7 +373,7 @@ def train_and_evaluate(
         mesh,
     )
     state = parallel.put_state(state)
-    predict_fn = make_predict_fn(model)
+    predict_fn = CompiledAhead(make_predict_fn(model), key=_batch_shape)
     rng = dropout_key(t.seed)
     writer = MetricWriter(workdir)
 
@@ -383,6 +396,15 @@ def train_and_evaluate(
         one = parallel.unreplicate(state)
         ckpt.save(step, one.params, one.opt_state, score=score)
 
+    ahead = COMPILE_AHEAD and t.parallel == "shard_map"
+    if ahead:
+        last = total_steps  # the run's last step, and whether it evaluates (end of an epoch, or of the run)
+        if stop_after_step is not None:
+            last = max(min(stop_after_step, total_steps), start_step + 1)
+        evaluates = last == total_steps or last // steps_per_epoch > start_step // steps_per_epoch
+        _compile_ahead(
+            parallel, state, rng, predict_fn, config, splits, task, (start_step, last), evaluates, mesh
+        )
     batches = data_lib.train_batches(
         train_split,
         t.batch_size,
@@ -402,7 +424,8 @@ def train_and_evaluate(
         dynamic_ncols=True,
         disable=jax.process_index() != 0,
     )
-    progress.set_postfix_str("compiling the step (first call)...")
+    if not ahead:
+        progress.set_postfix_str("compiling the step (first call)...")
     tick, examples = time.perf_counter(), 0
     for step in range(start_step, total_steps):
         state, metrics = parallel.step(state, parallel.put_batch(next(batches)), rng)
@@ -447,6 +470,50 @@ def train_and_evaluate(
     writer.close()
     ckpt.close()
     return results
+
+
+def _compile_ahead(parallel, state, rng, predict_fn, config, splits, task, steps, evaluates, mesh) -> None:
+    """Compiles, several at once, the train step for every padded length steps [first, last) will
+    meet, and the evaluation's forward for every length of the dev splits when the run evaluates,
+    several at once (compilation.compile_ahead). On a 2-core CPU the demo's training compiled in
+    10-23% less wall clock than with each program compiled when the loop first met it (README,
+    Performance); with more cores than programs, in about the time of the slowest one."""
+    t = config.train
+    bucket_kw = dict(buckets=tuple(config.data.length_buckets), max_length=config.data.max_length)
+    first, last = steps
+    train_split = splits[task.train_split]
+    local = t.batch_size // jax.process_count()
+    lengths = data_lib.train_lengths(
+        train_split,
+        t.batch_size,
+        last - first,
+        seed=t.seed,
+        start_step=first,
+        length_group_batches=config.data.length_group_batches,
+        **bucket_kw,
+    )
+    jobs = [
+        (parallel.step, (state, parallel.put_batch(data_lib.batch_of_length(train_split, local, n)), rng))
+        for n in lengths
+    ]
+    if evaluates:
+        proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        params, keys = parallel.eval_params(state), ("input_ids", "attention_mask", "token_type_ids")
+        shapes = {}  # one batch of each shape the dev splits' batches take
+        for split_name in task.eval_splits:
+            for batch in data_lib.eval_batches(splits[split_name], t.eval_batch_size, **bucket_kw, **proc):
+                shapes.setdefault(batch["input_ids"].shape, batch)
+        for batch in shapes.values():
+            jobs.append((predict_fn, (params, shard_batch({k: batch[k] for k in keys}, mesh))))
+    with tqdm(
+        total=len(jobs),
+        desc=f"compiling (train step at lengths {', '.join(map(str, lengths))}"
+        + (", evaluation)" if evaluates else ")"),
+        unit="program",
+        dynamic_ncols=True,
+        disable=jax.process_index() != 0,
+    ) as bar:
+        compile_ahead(jobs, progress=lambda: bar.update(1))
 
 
 def _report_finished(

@@ -4,6 +4,7 @@ trains what shard_map trains, and two processes (jax.distributed) compute what o
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import pytest
 from gaml_jax import train_step, trainer
 from gaml_jax.checkpoints import Checkpointer
 from gaml_jax.trainer import ConfigError, train_and_evaluate
+from gaml_jax.weights import load_tokenizer
 from tests import tiny
 
 
@@ -79,6 +81,43 @@ def test_killed_run_resumes_as_if_never_stopped(tiny_assets, tmp_path):
     assert (
         np.abs(start["classifier_0"]["kernel"] - _params_at(whole, 6)["classifier_0"]["kernel"]).max() > 1e-4
     )
+
+
+def test_the_run_compiles_every_length_it_meets_before_its_first_step(tiny_assets, tmp_path, monkeypatch):
+    """shard_map: the train step for each padded length the run's batches take, and the evaluation
+    for each length of the dev batches, compile before the first batch is drawn, once each, and
+    nothing compiles them during the loop (compilation.compile_ahead)."""
+    config = tiny.train_config(*tiny_assets, num_train_steps=6)
+    config.data.length_buckets = (8, 10, 12, 16)  # the tiny pairs are 6-16 tokens: several lengths
+    compiles, at_first_batch, train_shapes = collections.Counter(), {}, []
+
+    def listen(event, secs, fun_name="", **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles[fun_name] += 1
+
+    real = trainer.data_lib.train_batches
+
+    def train_batches(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 0:
+                at_first_batch.update(compiles)
+            train_shapes.append(batch["input_ids"].shape)
+            yield batch
+
+    monkeypatch.setattr(trainer.data_lib, "train_batches", train_batches)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        train_and_evaluate(config, str(tmp_path))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    dev = trainer.data_lib.load_task(config.data, load_tokenizer(config.model.name))[1]["validation"]
+    dev_shapes = {
+        b["input_ids"].shape
+        for b in trainer.data_lib.eval_batches(dev, 8, buckets=(8, 10, 12, 16), max_length=16)
+    }
+    assert len(train_shapes) == 6 and len(set(train_shapes)) >= 2
+    assert at_first_batch["jit(train_step)"] == compiles["jit(train_step)"] == len(set(train_shapes))
+    assert at_first_batch["jit(predict)"] == compiles["jit(predict)"] == len(dev_shapes)
 
 
 def test_nan_stops_with_the_step_named_and_keeps_the_last_good_checkpoint(tiny_assets, tmp_path, monkeypatch):
