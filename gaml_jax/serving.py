@@ -338,8 +338,11 @@ class EarlyExitClassifier:
                     ids = np.full((size, seq_len), self.pad_id, np.int32)
                     inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
                     runner.run(inputs, *never, one_program=False)  # every layer-by-layer function
-                    # The runner gathers the running rows into each smaller bucket as examples exit.
-                    # (Committed to the device, as the runner's own arrays are: jit caches by placement.)
+                    # The runner gathers the running rows into each smaller bucket as examples exit
+                    # (with numpy on the CPU: nothing to compile). (Committed to the device, as the
+                    # runner's own arrays are: jit caches by placement.)
+                    if runner.compacts_on_host:
+                        continue
                     hidden = jax.device_put(np.zeros((size, seq_len, hidden_size), dtype), device)
                     mask = jax.device_put(np.ones((size, seq_len), np.int32), device)
                     for smaller in sizes[: sizes.index(size)]:

@@ -100,6 +100,30 @@ def test_runner_matches_full_model_at_each_exit(request, runner_fixture, criteri
     assert cfg.num_exits - 1 in taken and len(taken) >= 2, taken
 
 
+def test_compaction_with_numpy_on_the_cpu_takes_the_device_gathers_results(mean_classifier):
+    """On the CPU the runner gathers the running rows (hidden state and mask) with numpy: the same
+    exits and logits, bit for bit, as the device's gather, and no gather program compiled."""
+    model, runner = mean_classifier
+    if jax.default_backend() != "cpu":
+        pytest.skip("the runner compacts with numpy on the CPU only")
+    assert runner.compacts_on_host
+    device = EarlyExitRunner(model, runner.params, batch_buckets=(1, 2, 4, 8))
+    device.compacts_on_host = False
+    wide = np.asarray(runner.full_forward(tiny_batch(64, seed=100)))
+    threshold = find_threshold(wide, "entropy", 1.4, model.config.num_hidden_layers, model.config.exits)
+    host = EarlyExitRunner(model, runner.params, batch_buckets=(1, 2, 4, 8))
+    taken = []
+    for n in (8, 7, 3):
+        batch = tiny_batch(n, seed=40 + n)
+        got, want = host.run(batch, "entropy", threshold), device.run(batch, "entropy", threshold)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+        taken += got.exit_index.tolist()
+    assert len(set(taken)) == model.config.num_exits  # examples left at every exit
+    # The device's runner compiled gathers into smaller buckets; the host's none.
+    assert device._compact._cache_size() >= 2 and host._compact._cache_size() == 0
+
+
 def test_runner_exits_fire_and_never_exit(classifier):
     model, runner = classifier
     cfg = model.config
