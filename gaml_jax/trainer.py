@@ -473,11 +473,11 @@ def train_and_evaluate(
 
 
 def _compile_ahead(parallel, state, rng, predict_fn, config, splits, task, steps, evaluates, mesh) -> None:
-    """Compiles, several at once, the train step for every padded length steps [first, last) will
-    meet, and the evaluation's forward for every length of the dev splits when the run evaluates,
-    several at once (compilation.compile_ahead). On a 2-core CPU the demo's training compiled in
-    10-23% less wall clock than with each program compiled when the loop first met it (README,
-    Performance); with more cores than programs, in about the time of the slowest one."""
+    """Compiles the train step for every padded length steps [first, last) will meet, and the
+    evaluation's forward for every length of the dev splits when the run evaluates, several at once
+    (compilation.compile_ahead). On a 2-core CPU the demo's training compiled in 10% less wall clock
+    than with each program compiled when the loop first met it (two clean pairs of runs; README,
+    Performance); with more cores than programs, it should approach the time of the slowest one."""
     t = config.train
     bucket_kw = dict(buckets=tuple(config.data.length_buckets), max_length=config.data.max_length)
     first, last = steps
