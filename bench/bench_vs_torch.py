@@ -243,8 +243,13 @@ def race(contenders: dict[str, Callable[[], None]], repeats: int) -> dict[str, d
     CPU seconds (all threads of this process) are the steadier figure on a shared CPU: they do
     not grow when other processes take the cores, as wall time does.
     """
-    for run in contenders.values():
+    for name, run in contenders.items():
+        wall = time.perf_counter()
         run()
+        print(
+            f"  first call of {name}: {time.perf_counter() - wall:.1f} s (compiling, or warming up)",
+            flush=True,
+        )
     times = {name: {"wall": [], "cpu": []} for name in contenders}
     for _ in range(repeats):
         for name, run in contenders.items():

@@ -7,11 +7,18 @@
 # 1. Training throughput at BERT-base, batch 32 x seq 128, bfloat16 compute with float32 parameters:
 #    our CE and GAML steps and HF PyTorch's PABEE-style CE step (autocast bf16, fused AdamW), with
 #    model FLOPs utilisation against the chip's dense bf16 peak (H100/H200: 989 TFLOP/s).
-# 2. Early exit's clock speed-up over its layer speed-up at batch 1 and 32 (a threshold for 2x
+#    Then batch 128 x seq 128, where the chip is busier.
+# 2. bench/gpu_checks.py: float32 parity with HF PyTorch on the GPU, and whether the bfloat16
+#    forward really calls cuDNN's fused attention (and how close it stays to XLA's).
+# 3. bench/profile_step.py: the CE step's GPU kernel time by pass and kind, and its top kernels.
+# 4. Early exit's clock speed-up over its layer speed-up at batch 1 and 32 (a threshold for 2x
 #    fewer layers), ours and PyTorch's layer-by-layer early exit on the same weights.
+# About 8 minutes on an H200 (each BERT-base step compiles for 30-45 s there).
+# Each part has its own time limit, and a part that fails or runs out of time is reported and
+# the next one runs: a lent GPU is held for minutes, not for a rerun.
 # The python is $PYTHON, else .venv/bin/python, else python3 (the GPU image's, with JAX and torch).
 # With $OUT set, the full log is also written to $OUT/gpu.log.
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
 mode=gpu
@@ -28,18 +35,36 @@ export TOKENIZERS_PARALLELISM=false
 log=/dev/null
 if [[ -n "${OUT:-}" ]]; then mkdir -p "$OUT" && log="$OUT/gpu.log"; fi
 
-run() {  # prints the command, then runs it; its output goes to the screen and the log
+failed=0
+run() {  # run SECONDS CMD...: prints the command, runs it for at most SECONDS, to the screen and the log
+  local limit=$1
+  shift
   echo "+ $*" | tee -a "$log"
-  "$@" 2>&1 | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  if ((rc != 0)); then
+    failed=$((failed + 1))
+    if ((rc == 124)); then what="ran past its ${limit} s"; else what="exited with $rc"; fi
+    echo "!! this part $what; going on with the next" | tee -a "$log"
+  fi
 }
 
 if [[ $mode == gpu ]]; then
+  # JAX takes 75% of the GPU's memory at start by default; leave PyTorch, in the same process, room.
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
-  run "$PYTHON" -c "import jax, torch; d = jax.devices()[0]; print('jax', jax.__version__, d.device_kind, '| torch', torch.__version__, torch.cuda.is_available()); assert d.platform == 'gpu', 'JAX sees no GPU: ' + str(d)"
-  run "$PYTHON" bench/bench_vs_torch.py --shape bert-base --batch 32 --seq 128 --dtype bfloat16 --repeats 20
-  run "$PYTHON" -m bench.bench_early_exit --shapes=bert-base --seq-len 128 --examples 256 --dtype bfloat16 --torch
+  run 60 "$PYTHON" -c "import jax, flax, optax, torch, transformers; d = jax.devices()[0]; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, d.device_kind, '| torch', torch.__version__, torch.cuda.is_available(), '| transformers', transformers.__version__); assert d.platform == 'gpu', 'JAX sees no GPU: ' + str(d)"
+  run 150 "$PYTHON" bench/bench_vs_torch.py --shape bert-base --batch 32 --seq 128 --dtype bfloat16 --repeats 20
+  run 150 "$PYTHON" bench/bench_vs_torch.py --shape bert-base --batch 128 --seq 128 --dtype bfloat16 --repeats 10 --no-forward
+  run 80 "$PYTHON" bench/gpu_checks.py --shape bert-base --batch 8 --seq 128
+  run 90 "$PYTHON" bench/profile_step.py --shape bert-base --dtype bfloat16 --batch 128 --seq 128 --top 15
+  run 200 "$PYTHON" -m bench.bench_early_exit --shapes=bert-base --seq-len 128 --examples 128 --dtype bfloat16 --torch
 else
   export JAX_PLATFORMS=cpu
-  run "$PYTHON" bench/bench_vs_torch.py --quick --batch 4 --seq 16 --repeats 1 --dtype bfloat16 --no-forward
-  run "$PYTHON" -m bench.bench_early_exit --quick --examples 8 --seq-len 16 --batch-sizes 1,4 --repeats 1 --torch
+  run 600 "$PYTHON" bench/bench_vs_torch.py --quick --batch 4 --seq 16 --repeats 1 --dtype bfloat16 --no-forward
+  run 600 "$PYTHON" -m bench.bench_early_exit --quick --examples 8 --seq-len 16 --batch-sizes 1,4 --repeats 1 --torch
+  run 600 "$PYTHON" bench/gpu_checks.py --shape tiny --batch 4 --seq 32
+  run 600 "$PYTHON" bench/profile_step.py --batch 4 --seq 16 --steps 1 --top 5
 fi
+echo "parts failed: $failed" | tee -a "$log"
+exit $((failed > 0))

@@ -4,8 +4,9 @@ Traces a few calls of the jitted step (random weights, ``bench_vs_torch``'s batc
 trace's XSpace with ``jax.profiler.ProfileData`` (no TensorBoard needed), and attributes each
 XLA operation's time to the JAX operation it was compiled from (the HLO's op_name metadata):
 forward or backward pass, and matmuls, dropout, GELU, LayerNorm, attention, embeddings, the
-optimizer. Then the top operations with their shapes. Times are thread time summed over XLA's
-worker threads; run under ``taskset -c 0`` for a one-core picture that other load disturbs less.
+optimizer. Then the top operations with their shapes. On a GPU times are kernel time on the
+device; on the CPU, thread time summed over XLA's worker threads (run under ``taskset -c 0``
+for a one-core picture that other load disturbs less).
 ``--dump DIR`` also keeps the optimised HLO and the trace (for TensorBoard's profile plugin).
 
     python bench/profile_step.py                       # MiniLM shape, CE step, batch 32 x seq 64
@@ -41,12 +42,40 @@ _NOT_OPS = ("ThreadpoolListener::", "ThunkExecutor::", "SlinkyThreadPool::", "en
 
 
 def op_times(trace_dir: Path) -> dict[str, float]:
-    """Microseconds per XLA operation, summed over the host's XLA threads (thread time, not wall)."""
+    """Microseconds per XLA operation: GPU kernel time on a GPU, else the host's XLA thread time.
+
+    On a GPU each kernel on the device's streams counts towards the HLO operation it was emitted
+    for (the kernel's ``hlo_op`` statistic), or under the kernel's own name where that names a
+    CUDA graph (``command_buffer_N``) or nothing: XLA names a fusion's kernel after the fusion,
+    with "_" for "." (see :func:`hlo_ops`, which answers to both spellings).
+    """
     from jax.profiler import ProfileData
 
     (xspace,) = trace_dir.rglob("*.xplane.pb")
     totals: dict[str, float] = collections.defaultdict(float)
-    for plane in ProfileData.from_file(str(xspace)).planes:
+    planes = list(ProfileData.from_file(str(xspace)).planes)
+    devices = [plane for plane in planes if plane.name.startswith("/device:GPU")]
+    for plane in devices:
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):  # "XLA Ops" / "XLA Modules" repeat the streams
+                continue
+            for event in line.events:
+                try:
+                    stats = dict(event.stats)
+                except (TypeError, ValueError):
+                    stats = {}
+                op = str(stats.get("hlo_op", ""))
+                totals[event.name if not op or op.startswith("command_buffer") else op] += (
+                    event.duration_ns / 1e3
+                )
+    if devices:
+        if not totals:
+            print(
+                "no kernels in the trace's GPU streams; its lines:",
+                [ln.name for p in devices for ln in p.lines],
+            )
+        return totals
+    for plane in planes:
         for line in plane.lines:
             if not line.name.startswith("tf_XLA"):  # XLA's worker threads run the operations
                 continue
@@ -64,6 +93,8 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str, str]]:
         if m and m.group(1) not in ops:
             source = re.search(r'op_name="([^"]*)"', line)
             ops[m.group(1)] = (m.group(3), m.group(2), source.group(1) if source else "?")
+    # GPU kernels are named after their fusion with "_" for "." and "-" (loop_add_fusion_3).
+    ops.update({re.sub(r"[.\-]", "_", name): op for name, op in list(ops.items())})
     return ops
 
 
@@ -102,9 +133,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="Traced steps (after one warm-up).")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--dump", default=None, help="Keep the HLO and the trace in this folder.")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Compute dtype.")
+    parser.add_argument("--no-flat", action="store_true", help="The optimizer on the tree of tensors.")
     args = parser.parse_args()
 
-    config = ModelConfig(**SHAPES[args.shape])
+    config = ModelConfig(**SHAPES[args.shape], dtype=args.dtype)
     model = MultiExitBert(config)
     params = model.init(jax.random.key(0), jnp.ones((1, args.seq), jnp.int32))["params"]
     tx = make_optimizer(
@@ -114,6 +147,7 @@ def main() -> None:
         exit_learning_rate=EXIT_LR,
         warmup_steps=10,
         weight_decay=WEIGHT_DECAY,
+        flat=not args.no_flat,
     )
     state = create_train_state(params, tx)
     batch = jax.device_put(make_batch(args.batch, args.seq, config.vocab_size))
@@ -127,7 +161,8 @@ def main() -> None:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     print(
-        f"{args.shape} {args.method} step, batch {args.batch} x seq {args.seq}: XLA cost analysis "
+        f"{args.shape} {args.method} step{' (tree optimizer)' if args.no_flat else ''}, {args.dtype}, "
+        f"batch {args.batch} x seq {args.seq}: XLA cost analysis "
         f"{cost.get('flops', 0) / 1e9:.1f} GFLOP, {cost.get('bytes accessed', 0) / 2**30:.2f} GiB accessed"
     )
     out = Path(args.dump) if args.dump else Path(tempfile.mkdtemp(prefix="gaml-profile-"))
@@ -146,14 +181,18 @@ def main() -> None:
     per_step = {name: us / args.steps for name, us in op_times(out / "trace").items()}
     total = sum(per_step.values())
     ops = hlo_ops(compiled.as_text())
+    timed = "GPU kernel" if jax.default_backend() == "gpu" else "XLA thread"
     print(
-        f"traced {args.steps} steps: {wall / args.steps * 1e3:.0f} ms wall per step, "
-        f"{total / 1e3:.0f} ms of XLA thread time per step"
+        f"traced {args.steps} steps: {wall / args.steps * 1e3:.1f} ms wall per step, "
+        f"{total / 1e3:.1f} ms of {timed} time per step"
     )
     by_category: dict[str, float] = collections.defaultdict(float)
     for name, us in per_step.items():
-        by_category[category(ops.get(name, ("", "", "?"))[2])] += us
-    print(f"\nThread time per step by pass and kind\n{'ms':>9} {'share':>6}  pass     kind")
+        if name not in ops and re.search(r"gemm|nvjet|cutlass|xmma|cudnn|fmha", name, re.IGNORECASE):
+            by_category["library  cuBLAS / cuDNN kernels (matmuls, attention)"] += us
+        else:
+            by_category[category(ops.get(name, ("", "", "?"))[2])] += us
+    print(f"\nTime per step by pass and kind\n{'ms':>9} {'share':>6}  pass     kind")
     for name, us in sorted(by_category.items(), key=lambda kv: -kv[1]):
         print(f"{us / 1e3:9.1f} {us / total:6.1%}  {name}")
     print(f"\nTop {args.top} operations")
