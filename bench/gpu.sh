@@ -8,8 +8,9 @@
 #    our CE and GAML steps and HF PyTorch's PABEE-style CE step (autocast bf16, fused AdamW), with
 #    model FLOPs utilisation against the chip's dense bf16 peak (H100/H200: 989 TFLOP/s).
 #    Then batch 128 x seq 128, where the chip is busier.
-# 2. bench/gpu_checks.py: float32 parity with HF PyTorch on the GPU, and whether the bfloat16
-#    forward really calls cuDNN's fused attention (and how close it stays to XLA's).
+# 2. bench/gpu_checks.py: float32 parity with HF PyTorch on the GPU, whether the bfloat16
+#    forward really calls cuDNN's fused attention (and how close it stays to XLA's), and how far
+#    ours and PyTorch's autocast each stray from float32 in bfloat16.
 # 3. bench/profile_step.py: the CE step's GPU kernel time by pass and kind, and its top kernels.
 # 4. Early exit's clock speed-up over its layer speed-up at batch 1 and 32 (a threshold for 2x
 #    fewer layers), ours and PyTorch's layer-by-layer early exit on the same weights.

@@ -10,6 +10,10 @@ Run by ``bench/gpu.sh``; on a CPU it runs too (the cuDNN lines then say "not on 
 2. cuDNN attention: whether the bfloat16 forward's compiled program calls cuDNN's fused
    attention (``MultiExitBert`` asks for it on a GPU), and how far its last hidden states are
    from XLA's attention on the same weights (bf16 rounding, relative to the largest value).
+3. bfloat16 against float32, ours and PyTorch's autocast, on the same weights (those of
+   ``bench_early_exit``: classifiers whose confidence varies across inputs): each exit's largest
+   logit error relative to its largest float32 logit, and how often the argmax stays the same.
+   Two bfloat16 models differ from each other by about the sum of their errors.
 """
 
 from __future__ import annotations
@@ -128,7 +132,7 @@ def cudnn_attention(shape: str, batch_size: int, seq: int) -> None:
         f"{calls or ('none' if on_gpu else 'none (not on a GPU)')}"
     )
     ours = np.asarray(forward(params, batch), np.float32)
-    fused = model_lib.BertSelfAttention._fused
+    fused = model_lib.BertSelfAttention.__dict__["_fused"]  # the staticmethod itself, to restore
     try:  # the same weights through XLA's attention
         model_lib.BertSelfAttention._fused = staticmethod(
             lambda q, k, v, bias: jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
@@ -147,6 +151,34 @@ def cudnn_attention(shape: str, batch_size: int, seq: int) -> None:
     )
 
 
+def bf16_against_float32(shape: str, batch_size: int, seq: int) -> None:
+    from bench.bench_early_exit import TorchEarlyExit, make_inputs, make_params
+
+    config = model_lib.ModelConfig(**SHAPES[shape])  # BERT's vocabulary: make_inputs draws from it
+    data = make_inputs(batch_size, seq, config.vocab_size, seed=2)
+    params = make_params(model_lib.MultiExitBert(config), data, seed=2)
+    inputs = [jnp.asarray(data[k]) for k in ("input_ids", "attention_mask", "token_type_ids")]
+
+    def ours(dtype: str) -> np.ndarray:
+        model = model_lib.MultiExitBert(config.replace(dtype=dtype))
+        forward = jax.jit(lambda p, *x: model.apply({"params": p}, *x).logits)
+        return np.asarray(forward(params, *inputs), np.float32)
+
+    reference = ours("float32")  # [exits, batch, labels]
+    scale = np.abs(reference).max(axis=(1, 2))
+    for name, logits in (
+        ("PyTorch float32", TorchEarlyExit(config, params, "float32").full(data)),
+        ("ours bfloat16", ours("bfloat16")),
+        ("PyTorch bfloat16", TorchEarlyExit(config, params, "bfloat16").full(data)),
+    ):
+        error = np.abs(logits - reference).max(axis=(1, 2)) / scale
+        same = (logits.argmax(-1) == reference.argmax(-1)).mean(axis=1)
+        print(
+            f"  {name:<17} against our float32, per exit: max error / max logit "
+            f"{error.min():.1e}-{error.max():.1e}, same argmax {same.min():.1%}-{same.max():.1%}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -154,10 +186,12 @@ def main() -> None:
     parser.add_argument("--shape", default="bert-base", choices=sorted(SHAPES))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--examples", type=int, default=64, help="Inputs of the bfloat16 check.")
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()})")
     parity(args.shape, args.batch, args.seq)
     cudnn_attention(args.shape, args.batch, args.seq)
+    bf16_against_float32(args.shape, args.examples, args.seq)
 
 
 if __name__ == "__main__":
