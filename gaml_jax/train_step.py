@@ -198,7 +198,9 @@ def make_optimizer(
 
 
 def create_train_state(params: PyTree, tx: optax.GradientTransformation) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    """Step 0, ``params`` as given, and ``tx``'s state, made by one compiled program (eagerly, the
+    flat optimizer's state took dozens of small programs to compile on a cold start)."""
+    return TrainState(step=jax.device_put(np.int32(0)), params=params, opt_state=jax.jit(tx.init)(params))
 
 
 def uses_kd(opt_state: optax.OptState) -> bool:

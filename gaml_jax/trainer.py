@@ -333,12 +333,14 @@ def train_and_evaluate(
     )
     state = create_train_state(params, tx)
     # The rate of update s is schedule(s - 1) (optax counts from 0). Tabulated once, before the
-    # loop, with the optimizer's own schedule: logging it never waits on the devices.
-    counts = jnp.arange(total_steps)
-    rates = {
-        key: np.asarray(jax.vmap(learning_rate_schedule(t[key], t.warmup_steps, total_steps))(counts))
+    # loop, with the optimizer's own schedule (one compiled program): logging never waits on it.
+    schedules = {
+        key: learning_rate_schedule(t[key], t.warmup_steps, total_steps)
         for key in ("learning_rate", "exit_learning_rate")
     }
+    rates = jax.device_get(
+        jax.jit(lambda: {key: jax.vmap(s)(jnp.arange(total_steps)) for key, s in schedules.items()})()
+    )
 
     ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
     if start_step:

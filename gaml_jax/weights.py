@@ -531,14 +531,17 @@ def _initial_value(model: MultiExitBert, seed: int, path: tuple, inits: dict[str
     """
     part = "heads" if names.is_exit_head(path[0]) else "all"
     if part not in inits:
-        key = jax.random.key(seed)
-        if part == "heads":
-            hidden = jnp.zeros((1, 1, model.config.hidden_size), jnp.float32)
-            mask = jnp.ones((1, 1), jnp.int32)
-            heads = lambda m, h: [m.exit(k, h, mask) for k in range(m.config.num_exits)]
-            inits[part] = model.init(key, hidden, method=heads)["params"]
-        else:
-            inits[part] = model.init(key, jnp.ones((1, 1), jnp.int32))["params"]
+
+        def init() -> Params:  # one compiled program, not dozens of eager operations (cold start)
+            key = jax.random.key(seed)
+            if part == "heads":
+                hidden = jnp.zeros((1, 1, model.config.hidden_size), jnp.float32)
+                mask = jnp.ones((1, 1), jnp.int32)
+                heads = lambda m, h: [m.exit(k, h, mask) for k in range(m.config.num_exits)]
+                return model.init(key, hidden, method=heads)["params"]
+            return model.init(key, jnp.ones((1, 1), jnp.int32))["params"]
+
+        inits[part] = jax.device_get(jax.jit(init)())
     return np.asarray(traverse_util.flatten_dict(inits[part])[path], np.float32)
 
 
