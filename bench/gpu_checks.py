@@ -137,7 +137,7 @@ def cudnn_attention(shape: str, batch_size: int, seq: int) -> None:
         model_lib.BertSelfAttention._fused = staticmethod(
             lambda q, k, v, bias: jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
         )
-        xla = jax.jit(
+        xla = jax.jit(  # a function of its own: jit would reuse the trace of `forward`'s
             lambda p, b: model.apply({"params": p}, **b, output_hidden_states=True).hidden_states[-1]
         )
         reference = np.asarray(xla(params, batch), np.float32)
