@@ -336,15 +336,13 @@ def test_unused_tensors_and_missing_parameters_are_reported(checkpoints, tmp_pat
         model, params = load_pretrained(folder, seed=5)
     assert "extra.head.weight" in caplog.text and "no pooler" in caplog.text
     assert "layer_1/output/dense/bias" in caplog.text
-    # What the checkpoint lacks keeps the model's own seeded init: the same random draws, to the
-    # float32 rounding of one compiled program against eager operations (a unit in the last place).
-    init = model.init(jax.random.key(5), jnp.ones((1, 1), jnp.int32))["params"]
-    for path in (("pooler", "dense", "kernel"), ("layer_1", "output", "dense", "bias")):
-        ours, reference = params, init
-        for name in path:
-            ours, reference = ours[name], reference[name]
-        np.testing.assert_allclose(ours, reference, rtol=3e-7, atol=0, err_msg="/".join(path))
-    assert np.abs(np.asarray(params["pooler"]["dense"]["kernel"])).max() > 0  # drawn, not zeros
+    # What the checkpoint lacks keeps the model's own seeded init (compiled, as load_pretrained
+    # runs it: eager operations round a unit in the last place differently).
+    init = jax.jit(model.init)(jax.random.key(5), jnp.ones((1, 1), jnp.int32))["params"]
+    np.testing.assert_array_equal(params["pooler"]["dense"]["kernel"], init["pooler"]["dense"]["kernel"])
+    np.testing.assert_array_equal(
+        params["layer_1"]["output"]["dense"]["bias"], init["layer_1"]["output"]["dense"]["bias"]
+    )
     _, report = convert_hf_state_dict(state, model.config)
     assert report.unused == ("extra.head.weight",)
     assert set(report.new_parameters) == {
