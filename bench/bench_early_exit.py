@@ -16,6 +16,12 @@ the fastest early-exit pass.
     python -m bench.bench_early_exit --shapes=minilm,bert-base
     python -m bench.bench_early_exit --quick --torch     # + PyTorch's early exit, same weights
     python -m bench.bench_early_exit --shapes=bert-base --dtype bfloat16 --torch   # on a GPU
+    python -m bench.bench_early_exit --torch-only        # PyTorch's alone (ours only sets the threshold)
+
+``--one-program`` adds early exit as one device program at every batch size (``EarlyExitRunner.program``,
+what the runner runs for one example): the batch runs layer after layer until its last example has
+left, with the criterion on the device, so no logits come to the host between layers and no batch
+is compacted; its clock pays for the deepest exit of each batch.
 """
 
 from __future__ import annotations
@@ -233,8 +239,18 @@ def bench_shape(name: str, args) -> list[tuple]:
         "layerwise": lambda batch: runner.run(batch, "patience", 10**9),
     }
     early = lambda batch: runner.run(batch, args.criterion, threshold).layers_run
-    results = measure(name, cfg, data, args, full_passes, early, num_examples)
-    if args.torch:
+    results = [] if args.torch_only else measure(name, cfg, data, args, full_passes, early, num_examples)
+    if args.one_program:
+        program = runner.program(args.criterion)
+
+        def one_program(batch):
+            ids, mask, types = (
+                np.asarray(batch[k], np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")
+            )
+            return np.asarray(program(ids, mask, types, np.float32(threshold))[1], np.int64)
+
+        results += measure(f"{name}/program", cfg, data, args, full_passes, one_program, num_examples)
+    if args.torch or args.torch_only:
         reference = TorchEarlyExit(cfg, params, args.dtype)
         torch_logits = np.concatenate([reference.full(b) for b in batches(data, 32)], axis=1)
         error = np.abs(torch_logits - exit_logits).max() / np.abs(exit_logits).max()
@@ -265,6 +281,12 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Compute dtype.")
     parser.add_argument("--torch", action="store_true", help="Also PyTorch's early exit, same weights.")
+    parser.add_argument("--torch-only", action="store_true", help="PyTorch's early exit only (not ours).")
+    parser.add_argument(
+        "--one-program",
+        action="store_true",
+        help="Also early exit as one device program at every batch size.",
+    )
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     shapes = args.shapes.split(",") if args.shapes else (["minilm"] if args.quick else list(SHAPES))
@@ -273,7 +295,8 @@ def main():
     device = jax.devices()[0]
     print(
         f"jax {jax.__version__} on {device.platform}: {device.device_kind} x{jax.device_count()}; "
-        f"host {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+        f"host {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; "
+        f"XLA_FLAGS {os.environ.get('XLA_FLAGS') or 'none'}"
     )
     results = [r for name in shapes for r in bench_shape(name, args)]
     print("\nshape            batch  layer x  clock x  clock/layer  best-of  target")

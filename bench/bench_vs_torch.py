@@ -16,11 +16,17 @@ many threads as XLA's CPU client does (one per core this process may run on).
     python bench/bench_vs_torch.py --quick            # batch 8 x seq 32, 3 repeats
     python bench/bench_vs_torch.py --cores 1          # both on one core (steadier on a busy machine)
     python bench/bench_vs_torch.py --shape bert-base --seq 128 --dtype bfloat16   # on a GPU: + MFU
+    python bench/bench_vs_torch.py --variants rbg,tree   # + what-if forms of our CE step, same run
 
 On a GPU both sides run there: ours under bfloat16 compute with float32 parameters
 (``--dtype bfloat16``), PyTorch under ``torch.autocast(bfloat16)`` with float32 parameters and
 fused AdamW. Model FLOPs utilisation counts the matrix products of the model (3 passes for a CE
 step, 5 for GAML's forward and two backwards) against the chip's dense bf16 peak.
+
+``--variants`` adds what-if forms of our step (``VARIANTS``; ``xla:NAME=VALUE`` compiles the step
+with that XLA option added), each raced beside the default in the same alternating calls, so a
+change can be measured on a lent GPU before it is made; ``--gaml-variants`` adds them for the
+GAML step too.
 """
 
 from __future__ import annotations
@@ -89,7 +95,7 @@ def peak_flops() -> tuple[str, float | None]:
 # --------------------------------------------------------------------------- ours
 
 
-def bench_optimizer(method: str):
+def bench_optimizer(method: str, **options):
     """Our optimizer as PyTorch's side has it: AdamW, the exits' own learning rate, clipping."""
     return make_optimizer(
         method=method,
@@ -99,20 +105,56 @@ def bench_optimizer(method: str):
         warmup_steps=10,
         weight_decay=WEIGHT_DECAY,
         grad_clip_norm=CLIP,
+        **options,
     )
 
 
-def jax_step(config: ModelConfig, params, method: str, batch) -> Callable[[], None]:
-    """``run()`` does one compiled update on ``batch`` (on the device) and waits for it."""
+# What-if forms of our step (--variants): name -> (what changes, keyword arguments of jax_step).
+VARIANTS = {
+    "rbg": ("dropout bits from XLA's RngBitGenerator (key impl 'rbg')", {"rng_impl": "rbg"}),
+    "unsafe_rbg": ("dropout bits from RngBitGenerator, keys split unsafely", {"rng_impl": "unsafe_rbg"}),
+    "tree": ("the optimizer per tensor, not on flat vectors", {"optimizer": {"flat": False}}),
+}
+
+
+def variant_options(name: str) -> dict:
+    """jax_step's keyword arguments for a variant: a name of ``VARIANTS``, or ``xla:NAME=VALUE``."""
+    if name.startswith("xla:"):
+        option, sep, value = name[4:].partition("=")
+        if not sep:
+            raise SystemExit(f"--variants: {name!r} needs a value: xla:NAME=VALUE")
+        # JAX takes an option's value as a bool, an int or a string (an enum's name, a list).
+        parsed = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+        return {"compiler_options": {option: parsed}}
+    if name not in VARIANTS:
+        raise SystemExit(
+            f"--variants: unknown variant {name!r}; choose from {sorted(VARIANTS)} or xla:NAME=VALUE"
+        )
+    return VARIANTS[name][1]
+
+
+def jax_step(
+    config: ModelConfig,
+    params,
+    method: str,
+    batch,
+    *,
+    rng_impl: str | None = None,
+    optimizer: dict | None = None,
+    compiler_options: dict | None = None,
+) -> Callable[[], None]:
+    """``run()`` does one compiled update on ``batch`` (on the device) and waits for it. By default
+    the trainer's step; the keyword arguments make its what-if variants (``VARIANTS``)."""
     model = MultiExitBert(config)
-    tx = bench_optimizer(method)
+    tx = bench_optimizer(method, **(optimizer or {}))
     state = create_train_state(jax.tree.map(jnp.copy, params), tx)  # the step donates its state
     step = jax.jit(  # with the trainer's XLA options
         functools.partial(train_step, model=model, tx=tx),
         donate_argnums=0,
-        compiler_options=training_compiler_options(),
+        compiler_options={**(training_compiler_options() or {}), **(compiler_options or {})} or None,
     )
-    rng = dropout_key(0)  # the trainer's dropout stream
+    # The trainer's dropout stream, unless a variant draws its bits otherwise.
+    rng = dropout_key(0) if rng_impl is None else jax.random.key(0, impl=rng_impl)
     holder = {"state": state}
 
     def run():
@@ -265,12 +307,14 @@ def print_race(title: str, seconds: dict, batch_size: int, reference: str, flops
     kind, peak = peak_flops()
     print(f"\n{title}")
     versus = "x " + reference
-    head = f"  {'':<12}{'wall ms':>10}{'ex/s':>8}{versus:>12}{'CPU ms':>10}{'ex/CPU s':>10}{versus:>12}"
+    width = max(12, *(len(name) + 1 for name in seconds))
+    head = f"  {'':<{width}}{'wall ms':>10}{'ex/s':>8}{versus:>12}{'CPU ms':>10}{'ex/CPU s':>10}{versus:>12}"
     print(head + (f"{'TFLOP/s':>9}{'MFU':>7}" if flops else ""))
     ref = seconds[reference]
     for name, s in seconds.items():
         line = (
-            f"  {name:<12}{1e3 * s['wall']:10.1f}{batch_size / s['wall']:8.1f}{ref['wall'] / s['wall']:12.2f}"
+            f"  {name:<{width}}{1e3 * s['wall']:10.1f}{batch_size / s['wall']:8.1f}"
+            f"{ref['wall'] / s['wall']:12.2f}"
             f"{1e3 * s['cpu']:10.1f}{batch_size / s['cpu']:10.1f}{ref['cpu'] / s['cpu']:12.2f}"
         )
         if flops:
@@ -297,6 +341,14 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=None, help="Run on this many cores only (both sides).")
     parser.add_argument("--no-gaml", action="store_true", help="Skip our GAML step.")
     parser.add_argument("--no-forward", action="store_true", help="Skip the forward comparison.")
+    parser.add_argument(
+        "--variants",
+        default="",
+        help=f"Comma-separated what-if forms of our CE step: {sorted(VARIANTS)} or xla:NAME=VALUE.",
+    )
+    parser.add_argument(
+        "--gaml-variants", action="store_true", help="Race the variants of the GAML step too."
+    )
     args = parser.parse_args()
     batch_size = args.batch or (8 if args.quick else 32)
     seq = args.seq or (32 if args.quick else 64)
@@ -325,13 +377,23 @@ def main() -> None:
     batch = make_batch(batch_size, seq, config.vocab_size)
     device_batch = jax.device_put(batch)
 
+    variants = [v for v in args.variants.split(",") if v]
+    for name in variants:
+        what = VARIANTS[name][0] if name in VARIANTS else f"XLA option {name[4:]}"
+        print(f"  variant {name}: {what}")
     contenders = {"ours CE": jax_step(config, params, "ce", device_batch)}
+    for name in variants:
+        contenders[f"ours CE {name}"] = jax_step(config, params, "ce", device_batch, **variant_options(name))
     contenders["torch CE"] = torch_step(config, side, batch)
     if not args.no_gaml:
         contenders["ours GAML"] = jax_step(config, params, "gaml", device_batch)
+        for name in variants if args.gaml_variants else ():
+            contenders[f"ours GAML {name}"] = jax_step(
+                config, params, "gaml", device_batch, **variant_options(name)
+            )
     seconds = race(contenders, repeats)
     fwd = forward_flops(config, batch_size, seq)
-    flops = {"ours CE": 3 * fwd, "torch CE": 3 * fwd, "ours GAML": 5 * fwd}
+    flops = {name: (5 if "GAML" in name else 3) * fwd for name in contenders}
     print_race(f"train step, batch {batch_size} x seq {seq}", seconds, batch_size, "torch CE", flops)
     ours, theirs = seconds["ours CE"], seconds["torch CE"]
     print(
@@ -344,6 +406,14 @@ def main() -> None:
             f"  ours GAML step / ours CE step: {gaml['wall'] / ours['wall']:.2f} wall, "
             f"{gaml['cpu'] / ours['cpu']:.2f} CPU (FLOP floor 5/3)"
         )
+    for name in variants:
+        for method in ("CE", "GAML"):
+            if f"ours {method} {name}" in seconds:
+                alt, base = seconds[f"ours {method} {name}"], seconds[f"ours {method}"]
+                print(
+                    f"  ours {method} {name} / ours {method}: {alt['wall'] / base['wall']:.3f} of the wall "
+                    f"time, {alt['cpu'] / base['cpu']:.3f} of the CPU time"
+                )
 
     if not args.no_forward:
         for b, s in ((1, 32), (32, 64)):

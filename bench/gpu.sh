@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # The GPU figures of README's Performance section, in one run on a machine with a CUDA GPU:
 #
-#   bash bench/gpu.sh          # on the GPU: BERT-base, bfloat16
-#   bash bench/gpu.sh --cpu    # the same python parts on the CPU at small sizes (a check of the script)
+#   bash bench/gpu.sh                 # on the GPU: BERT-base, bfloat16, every part
+#   bash bench/gpu.sh train profile   # some parts only: train, checks, profile, exit
+#   bash bench/gpu.sh --cpu           # the same python parts on the CPU at small sizes (a check of the script)
 #
-# 1. Training throughput at BERT-base, batch 32 x seq 128, bfloat16 compute with float32 parameters:
-#    our CE and GAML steps and HF PyTorch's PABEE-style CE step (autocast bf16, fused AdamW), with
-#    model FLOPs utilisation against the chip's dense bf16 peak (H100/H200: 989 TFLOP/s).
-#    Then batch 128 x seq 128, where the chip is busier.
-# 2. bench/gpu_checks.py: float32 parity with HF PyTorch on the GPU, whether the bfloat16
-#    forward really calls cuDNN's fused attention (and how close it stays to XLA's), and how far
-#    ours and PyTorch's autocast each stray from float32 in bfloat16.
-# 3. bench/profile_step.py: the CE step's GPU kernel time by pass and kind, and its top kernels.
-# 4. Early exit's clock speed-up over its layer speed-up at batch 1 and 32 (a threshold for 2x
-#    fewer layers), ours and PyTorch's layer-by-layer early exit on the same weights.
-# About 8 minutes on an H200 (each BERT-base step compiles for 30-45 s there).
+# train:   training throughput at BERT-base, batch 128 x seq 128, bfloat16 compute with float32
+#          parameters: our CE and GAML steps and HF PyTorch's PABEE-style CE step (autocast bf16,
+#          fused AdamW), with model FLOPs utilisation against the chip's dense bf16 peak
+#          (H100/H200: 989 TFLOP/s), and what-if forms of our CE step raced beside it
+#          (bench_vs_torch.py --variants: dropout bits from RngBitGenerator, the optimizer per
+#          tensor, matrix products without Triton's kernels). Then batch 32 x seq 128.
+# checks:  bench/gpu_checks.py: float32 parity with HF PyTorch on the GPU, whether the bfloat16
+#          forward really calls cuDNN's fused attention (and how close it stays to XLA's), and how
+#          far ours and PyTorch's autocast each stray from float32 in bfloat16.
+# profile: bench/profile_step.py: the CE step's GPU kernel time by pass and kind, and its top kernels.
+# exit:    early exit's clock speed-up over its layer speed-up at batch 1 and 32 (a threshold for
+#          2x fewer layers): ours (the runner, and one device program at every batch size), ours
+#          again with while loops and conditionals recorded into CUDA graphs
+#          (--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL), and PyTorch's layer-by-layer
+#          early exit on the same weights, each in a process of its own.
+# About 12 minutes on an H200 (each BERT-base step compiles for 30-45 s there).
 # Each part has its own time limit, and a part that fails or runs out of time is reported and
 # the next one runs: a lent GPU is held for minutes, not for a rerun.
 # The python is $PYTHON, else .venv/bin/python, else python3 (the GPU image's, with JAX and torch).
@@ -23,11 +29,16 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 mode=gpu
-case "${1:-}" in
-  "") ;;
-  --cpu|--quick) mode=cpu ;;
-  *) echo "usage: bash bench/gpu.sh [--cpu]" >&2; exit 2 ;;
-esac
+parts=()
+for arg in "$@"; do
+  case "$arg" in
+    --cpu|--quick) mode=cpu ;;
+    train|checks|profile|exit) parts+=("$arg") ;;
+    *) echo "usage: bash bench/gpu.sh [--cpu] [train] [checks] [profile] [exit]" >&2; exit 2 ;;
+  esac
+done
+((${#parts[@]})) || parts=(train checks profile exit)
+want() { [[ " ${parts[*]} " == *" $1 "* ]]; }
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -55,17 +66,33 @@ if [[ $mode == gpu ]]; then
   export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
   run 60 "$PYTHON" -c "import jax, flax, optax, torch, transformers; d = jax.devices()[0]; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, d.device_kind, '| torch', torch.__version__, torch.cuda.is_available(), '| transformers', transformers.__version__); assert d.platform == 'gpu', 'JAX sees no GPU: ' + str(d)"
-  run 150 "$PYTHON" bench/bench_vs_torch.py --shape bert-base --batch 32 --seq 128 --dtype bfloat16 --repeats 20
-  run 150 "$PYTHON" bench/bench_vs_torch.py --shape bert-base --batch 128 --seq 128 --dtype bfloat16 --repeats 10 --no-forward
-  run 80 "$PYTHON" bench/gpu_checks.py --shape bert-base --batch 8 --seq 128
-  run 90 "$PYTHON" bench/profile_step.py --shape bert-base --dtype bfloat16 --batch 128 --seq 128 --top 15
-  run 200 "$PYTHON" -m bench.bench_early_exit --shapes=bert-base --seq-len 128 --examples 128 --dtype bfloat16 --torch
+  bert=(--shape bert-base --seq 128 --dtype bfloat16)
+  ee=(-m bench.bench_early_exit --shapes=bert-base --seq-len 128 --examples 64 --repeats 3 --dtype bfloat16)
+  if want train; then
+    run 270 "$PYTHON" bench/bench_vs_torch.py "${bert[@]}" --batch 128 --repeats 10 --no-forward \
+      --variants rbg,tree,xla:xla_gpu_enable_triton_gemm=false
+    run 130 "$PYTHON" bench/bench_vs_torch.py "${bert[@]}" --batch 32 --repeats 20 --no-forward
+  fi
+  want checks && run 80 "$PYTHON" bench/gpu_checks.py --shape bert-base --batch 8 --seq 128
+  want profile && run 90 "$PYTHON" bench/profile_step.py --shape bert-base --dtype bfloat16 --batch 128 --seq 128 --top 15
+  if want exit; then
+    run 100 "$PYTHON" "${ee[@]}" --one-program
+    XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
+      run 80 "$PYTHON" "${ee[@]}" --one-program
+    run 100 "$PYTHON" "${ee[@]}" --torch-only
+  fi
 else
   export JAX_PLATFORMS=cpu
-  run 600 "$PYTHON" bench/bench_vs_torch.py --quick --batch 4 --seq 16 --repeats 1 --dtype bfloat16 --no-forward
-  run 600 "$PYTHON" -m bench.bench_early_exit --quick --examples 8 --seq-len 16 --batch-sizes 1,4 --repeats 1 --torch
-  run 600 "$PYTHON" bench/gpu_checks.py --shape tiny --batch 4 --seq 32
-  run 600 "$PYTHON" bench/profile_step.py --batch 4 --seq 16 --steps 1 --top 5
+  ee=(-m bench.bench_early_exit --quick --examples 8 --seq-len 16 --batch-sizes 1,4 --repeats 1)
+  if want train; then
+    run 600 "$PYTHON" bench/bench_vs_torch.py --quick --batch 4 --seq 16 --repeats 1 --dtype bfloat16 --no-forward --variants rbg,tree
+  fi
+  want checks && run 600 "$PYTHON" bench/gpu_checks.py --shape tiny --batch 4 --seq 32
+  want profile && run 600 "$PYTHON" bench/profile_step.py --batch 4 --seq 16 --steps 1 --top 5
+  if want exit; then
+    run 600 "$PYTHON" "${ee[@]}" --one-program
+    run 600 "$PYTHON" "${ee[@]}" --torch-only
+  fi
 fi
 echo "parts failed: $failed" | tee -a "$log"
 exit $((failed > 0))
