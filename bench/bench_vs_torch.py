@@ -25,8 +25,8 @@ step, 5 for GAML's forward and two backwards) against the chip's dense bf16 peak
 
 ``--variants`` adds what-if forms of our step (``VARIANTS``; ``xla:NAME=VALUE`` compiles the step
 with that XLA option added), each raced beside the default in the same alternating calls, so a
-change can be measured on a lent GPU before it is made; ``--gaml-variants`` adds them for the
-GAML step too.
+change can be measured on a lent GPU before it is made: forms of the CE step, and of the GAML
+step for those that only it has (``vmap``) or with ``--gaml-variants``.
 """
 
 from __future__ import annotations
@@ -114,7 +114,9 @@ VARIANTS = {
     "rbg": ("dropout bits from XLA's RngBitGenerator (key impl 'rbg')", {"rng_impl": "rbg"}),
     "unsafe_rbg": ("dropout bits from RngBitGenerator, keys split unsafely", {"rng_impl": "unsafe_rbg"}),
     "tree": ("the optimizer per tensor, not on flat vectors", {"optimizer": {"flat": False}}),
+    "vmap": ("GAML's two pull-backs batched (grad_mode='vmap')", {"grad_mode": "vmap"}),
 }
+GAML_ONLY = {"vmap"}  # variants that change only what the GAML step computes (CE has one pull-back)
 
 
 def variant_options(name: str) -> dict:
@@ -142,14 +144,16 @@ def jax_step(
     rng_impl: str | None = None,
     optimizer: dict | None = None,
     compiler_options: dict | None = None,
+    grad_mode: str = "vjp",
 ) -> Callable[[], None]:
-    """``run()`` does one compiled update on ``batch`` (on the device) and waits for it. By default
+    """``run()`` does one compiled update on ``batch`` (on the device), waits for it and returns its
+    metrics. By default
     the trainer's step; the keyword arguments make its what-if variants (``VARIANTS``)."""
     model = MultiExitBert(config)
     tx = bench_optimizer(method, **(optimizer or {}))
     state = create_train_state(jax.tree.map(jnp.copy, params), tx)  # the step donates its state
     step = jax.jit(  # with the trainer's XLA options
-        functools.partial(train_step, model=model, tx=tx),
+        functools.partial(train_step, model=model, tx=tx, grad_mode=grad_mode),
         donate_argnums=0,
         compiler_options={**(training_compiler_options() or {}), **(compiler_options or {})} or None,
     )
@@ -159,7 +163,7 @@ def jax_step(
 
     def run():
         holder["state"], metrics = step(holder["state"], batch, rng)
-        jax.block_until_ready(metrics)
+        return jax.block_until_ready(metrics)
 
     return run
 
@@ -383,14 +387,18 @@ def main() -> None:
         print(f"  variant {name}: {what}")
     contenders = {"ours CE": jax_step(config, params, "ce", device_batch)}
     for name in variants:
-        contenders[f"ours CE {name}"] = jax_step(config, params, "ce", device_batch, **variant_options(name))
+        if name not in GAML_ONLY:
+            contenders[f"ours CE {name}"] = jax_step(
+                config, params, "ce", device_batch, **variant_options(name)
+            )
     contenders["torch CE"] = torch_step(config, side, batch)
     if not args.no_gaml:
         contenders["ours GAML"] = jax_step(config, params, "gaml", device_batch)
-        for name in variants if args.gaml_variants else ():
-            contenders[f"ours GAML {name}"] = jax_step(
-                config, params, "gaml", device_batch, **variant_options(name)
-            )
+        for name in variants:
+            if name in GAML_ONLY or args.gaml_variants:
+                contenders[f"ours GAML {name}"] = jax_step(
+                    config, params, "gaml", device_batch, **variant_options(name)
+                )
     seconds = race(contenders, repeats)
     fwd = forward_flops(config, batch_size, seq)
     flops = {name: (5 if "GAML" in name else 3) * fwd for name in contenders}

@@ -107,7 +107,8 @@ def get_config() -> ml_collections.ConfigDict:
     # CE weight of exit i: "uniform" (1) or "layer" (its layer number: the paper's line of work).
     # Uniform: over 3 seeds, +0.9 points at 3x fewer layers and level at 2x (README, the ablation).
     train.exit_weighting = "uniform"
-    train.grad_mode = "vjp"  # vjp: one forward, two pull-backs; grad: two jax.grad calls (bench/).
+    # vjp: one forward, two pull-backs; grad: two jax.grad calls; vmap: both pull-backs batched.
+    train.grad_mode = "vjp"
     train.parallel = "shard_map"  # Data parallel: shard_map (jit over a mesh, multi-host) or pmap (one host).
     train.learning_rate = 1e-4  # Peak learning rate of the encoder (the authors' code: 2e-5 on BERT-base).
     train.exit_learning_rate = 5e-4  # Peak learning rate of the exit classifiers (larger: they start random).

@@ -8,6 +8,7 @@ import contextlib
 
 import jax
 import numpy as np
+import pytest
 
 from bench import bench_compile, bench_vs_torch
 from gaml_jax.config import ModelConfig
@@ -54,3 +55,31 @@ def test_both_sides_of_the_torch_comparison_step():
         bench_vs_torch.jax_step(TINY, params, method, jax.device_put(batch))()
     bench_vs_torch.torch_step(TINY, bench_vs_torch.TorchSide("float32"), batch)()
     bench_vs_torch.jax_forward(TINY, params, batch)()
+
+
+def test_step_variants_take_the_same_step_but_for_what_they_change():
+    """``--variants``: the optimizer per tensor and an XLA option change how the step is computed,
+    not its numbers; dropout bits from RngBitGenerator change the masks only."""
+    batch = jax.device_put(bench_vs_torch.make_batch(BATCH, SEQ, TINY.vocab_size))
+    params = MultiExitBert(TINY).init(jax.random.key(0), batch["input_ids"])["params"]
+    assert bench_vs_torch.variant_options("xla:xla_cpu_use_xnnpack=false") == {
+        "compiler_options": {"xla_cpu_use_xnnpack": False}
+    }
+    assert bench_vs_torch.variant_options("xla:some_level=2") == {"compiler_options": {"some_level": 2}}
+    for bad in ("xla:no_value", "no_such_variant"):
+        with pytest.raises(SystemExit, match="--variants"):
+            bench_vs_torch.variant_options(bad)
+
+    def two_steps(**options):
+        run = bench_vs_torch.jax_step(TINY, params, "gaml", batch, **options)
+        return [jax.device_get(run()) for _ in range(2)]
+
+    base = two_steps()
+    for name in ("tree", "xla:xla_cpu_use_xnnpack=false"):
+        for ours, theirs in zip(two_steps(**bench_vs_torch.variant_options(name)), base, strict=True):
+            for key in ("ce", "kd", "grad_norm_ce"):
+                np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, err_msg=f"{name} {key}")
+    # Other dropout masks, so another loss; the same model and data, so a close one.
+    rbg = two_steps(**bench_vs_torch.variant_options("rbg"))
+    assert rbg[0]["ce"] != base[0]["ce"]
+    np.testing.assert_allclose(rbg[0]["ce"], base[0]["ce"], rtol=0.2)

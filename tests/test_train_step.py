@@ -133,10 +133,11 @@ def test_vjp_and_grad_modes_agree():
     tx = make_optimizer(method="gaml", **OPT)
     batch = {k: jnp.asarray(v) for k, v in make_batch(2).items()}
     outs = []
-    for mode in ("vjp", "grad"):
+    for mode in ("vjp", "grad", "vmap"):
         step = jax.jit(functools.partial(train_step, model=model, tx=tx, grad_mode=mode))
         outs.append(step(create_train_state(params, tx), batch, jax.random.key(0))[0].params)
-    np.testing.assert_allclose(_flat(outs[0]), _flat(outs[1]), atol=1e-7)
+    for out in outs[1:]:
+        np.testing.assert_allclose(_flat(out), _flat(outs[0]), atol=1e-7)
 
 
 def _run_one_device(config, params, model, batches, method):
@@ -150,9 +151,12 @@ def _run_one_device(config, params, model, batches, method):
     return state, metrics
 
 
-@pytest.mark.parametrize("method", ["gaml", "ce"])
-@pytest.mark.parametrize("regression", [False, True])
-def test_eight_devices_match_one_device(method, regression):
+@pytest.mark.parametrize(
+    "method, regression, grad_mode",
+    [(method, regression, "vjp") for method in ("gaml", "ce") for regression in (False, True)]
+    + [("gaml", False, "vmap")],  # both pull-backs batched, under shard_map
+)
+def test_eight_devices_match_one_device(method, regression, grad_mode):
     assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
     config = CONFIG.replace(num_labels=1) if regression else CONFIG
     model, params = init_params(config)
@@ -162,7 +166,7 @@ def test_eight_devices_match_one_device(method, regression):
     tx = make_optimizer(method=method, **OPT)
     mesh = data_mesh()
     state = replicate(create_train_state(params, tx), mesh)
-    step = shard_map_step(functools.partial(train_step, model=model, tx=tx), mesh)
+    step = shard_map_step(functools.partial(train_step, model=model, tx=tx, grad_mode=grad_mode), mesh)
     for i, b in enumerate(batches):
         state, m = step(state, shard_batch(b, mesh), jax.random.key(3))
         np.testing.assert_allclose(float(m["ce"]), float(one_metrics[i]["ce"]), rtol=1e-5)
@@ -266,9 +270,10 @@ def test_the_optimizer_alone_decides_whether_kd_is_computed(method):
 
 
 def test_vjp_pull_backs_give_the_gradients_of_two_grad_calls_under_dropout():
-    # The vjp mode pulls both cotangents back through one forward; under dropout both must see
-    # the forward's masks. Reference: two independent jax.grad calls (grad mode) with the same
-    # key. A first link records the CE and KD gradients the chain receives; GA follows as usual.
+    # The vjp mode pulls both cotangents back through one forward (the vmap mode, both at once);
+    # under dropout both must see the forward's masks. Reference: two independent jax.grad calls
+    # (grad mode) with the same key. A first link records the CE and KD gradients the chain
+    # receives; GA follows as usual.
     import optax
 
     from gaml_jax.alignment import gradient_alignment
@@ -289,15 +294,17 @@ def test_vjp_pull_backs_give_the_gradients_of_two_grad_calls_under_dropout():
     tx = optax.chain(record(), gradient_alignment(0.7), optax.sgd(0.1))
     batch = {k: jnp.asarray(v) for k, v in make_batch(4, config).items()}
     grads = {}
-    for mode in ("vjp", "grad"):
+    for mode in ("vjp", "grad", "vmap"):
         step = jax.jit(functools.partial(train_step, model=model, tx=tx, grad_mode=mode))
         grads[mode] = step(create_train_state(params, tx), batch, jax.random.key(7))[0].opt_state[0]
     no_dropout = jax.jit(functools.partial(train_step, model=init_params()[0], tx=tx))
     plain = no_dropout(create_train_state(params, tx), batch, jax.random.key(7))[0].opt_state[0]
     for name in ("ce", "kd"):
-        vjp, grad = _flat(grads["vjp"][name]), _flat(grads["grad"][name])
+        vjp = _flat(grads["vjp"][name])
         assert np.abs(vjp).max() > 0 and not np.allclose(vjp, _flat(plain[name]), atol=1e-4)  # dropout acted
-        np.testing.assert_allclose(vjp, grad, rtol=1e-5, atol=1e-6 * np.abs(grad).max())
+        for mode in ("grad", "vmap"):
+            other = _flat(grads[mode][name])
+            np.testing.assert_allclose(vjp, other, rtol=1e-5, atol=1e-6 * np.abs(other).max(), err_msg=mode)
 
 
 def _numpy_adamw_steps(params, grads_per_step, *, weight_decay, clip, rates_of):
