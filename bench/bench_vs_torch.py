@@ -147,8 +147,8 @@ def jax_step(
     grad_mode: str = "vjp",
 ) -> Callable[[], None]:
     """``run()`` does one compiled update on ``batch`` (on the device), waits for it and returns its
-    metrics. By default
-    the trainer's step; the keyword arguments make its what-if variants (``VARIANTS``)."""
+    metrics. By default the trainer's step; the keyword arguments make its what-if forms
+    (``VARIANTS``)."""
     model = MultiExitBert(config)
     tx = bench_optimizer(method, **(optimizer or {}))
     state = create_train_state(jax.tree.map(jnp.copy, params), tx)  # the step donates its state
@@ -348,7 +348,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="",
-        help=f"Comma-separated what-if forms of our CE step: {sorted(VARIANTS)} or xla:NAME=VALUE.",
+        help=f"Comma-separated what-if forms of our step: {sorted(VARIANTS)} or xla:NAME=VALUE.",
     )
     parser.add_argument(
         "--gaml-variants", action="store_true", help="Race the variants of the GAML step too."

@@ -2,7 +2,8 @@
 # The GPU figures of README's Performance section, in one run on a machine with a CUDA GPU:
 #
 #   bash bench/gpu.sh                 # on the GPU: BERT-base, bfloat16, every part
-#   bash bench/gpu.sh train profile   # some parts only: train, checks, profile, exit
+#   bash bench/gpu.sh train           # some parts only: train, checks, profile, exit (a lent
+#   bash bench/gpu.sh profile checks exit   # machine's call is limited to 10 minutes)
 #   bash bench/gpu.sh --cpu           # the same python parts on the CPU at small sizes (a check of the script)
 #
 # train:   training throughput at BERT-base, batch 128 x seq 128, bfloat16 compute with float32
@@ -10,7 +11,8 @@
 #          fused AdamW), with model FLOPs utilisation against the chip's dense bf16 peak
 #          (H100/H200: 989 TFLOP/s), and what-if forms of our CE step raced beside it
 #          (bench_vs_torch.py --variants: dropout bits from RngBitGenerator, the optimizer per
-#          tensor, matrix products without Triton's kernels). Then batch 32 x seq 128.
+#          tensor, matrix products without Triton's kernels). Then batch 32 x seq 128, with GAML's
+#          two pull-backs batched (--variants vmap) beside the GAML step.
 # checks:  bench/gpu_checks.py: float32 parity with HF PyTorch on the GPU, whether the bfloat16
 #          forward really calls cuDNN's fused attention (and how close it stays to XLA's), and how
 #          far ours and PyTorch's autocast each stray from float32 in bfloat16.
@@ -71,7 +73,7 @@ if [[ $mode == gpu ]]; then
   if want train; then
     run 270 "$PYTHON" bench/bench_vs_torch.py "${bert[@]}" --batch 128 --repeats 10 --no-forward \
       --variants rbg,tree,xla:xla_gpu_enable_triton_gemm=false
-    run 130 "$PYTHON" bench/bench_vs_torch.py "${bert[@]}" --batch 32 --repeats 20 --no-forward
+    run 170 "$PYTHON" bench/bench_vs_torch.py "${bert[@]}" --batch 32 --repeats 20 --no-forward --variants vmap
   fi
   want checks && run 80 "$PYTHON" bench/gpu_checks.py --shape bert-base --batch 8 --seq 128
   want profile && run 90 "$PYTHON" bench/profile_step.py --shape bert-base --dtype bfloat16 --batch 128 --seq 128 --top 15
@@ -85,7 +87,7 @@ else
   export JAX_PLATFORMS=cpu
   ee=(-m bench.bench_early_exit --quick --examples 8 --seq-len 16 --batch-sizes 1,4 --repeats 1)
   if want train; then
-    run 600 "$PYTHON" bench/bench_vs_torch.py --quick --batch 4 --seq 16 --repeats 1 --dtype bfloat16 --no-forward --variants rbg,tree
+    run 600 "$PYTHON" bench/bench_vs_torch.py --quick --batch 4 --seq 16 --repeats 1 --dtype bfloat16 --no-forward --variants rbg,tree,vmap
   fi
   want checks && run 600 "$PYTHON" bench/gpu_checks.py --shape tiny --batch 4 --seq 32
   want profile && run 600 "$PYTHON" bench/profile_step.py --batch 4 --seq 16 --steps 1 --top 5
