@@ -10,7 +10,8 @@ Run by ``bench/gpu.sh``; on a CPU it runs too (the cuDNN lines then say "not on 
 2. cuDNN attention: whether the bfloat16 forward's compiled program calls cuDNN's fused
    attention (``MultiExitBert`` asks for it on a GPU), and how far its last hidden states are
    from XLA's attention on the same weights (bf16 rounding, relative to the largest value).
-3. bfloat16 against float32, ours and PyTorch's autocast, on the same weights (those of
+3. bfloat16 against float32, ours (the residual stream in bfloat16, the default, and in float32,
+   ``float32_residual``) and PyTorch's autocast, on the same weights (those of
    ``bench_early_exit``: classifiers whose confidence varies across inputs): each exit's largest
    logit error relative to its largest float32 logit, and how often the argmax stays the same.
    Two bfloat16 models differ from each other by about the sum of their errors.
@@ -159,8 +160,8 @@ def bf16_against_float32(shape: str, batch_size: int, seq: int) -> None:
     params = make_params(model_lib.MultiExitBert(config), data, seed=2)
     inputs = [jnp.asarray(data[k]) for k in ("input_ids", "attention_mask", "token_type_ids")]
 
-    def ours(dtype: str) -> np.ndarray:
-        model = model_lib.MultiExitBert(config.replace(dtype=dtype))
+    def ours(dtype: str, float32_residual: bool = False) -> np.ndarray:
+        model = model_lib.MultiExitBert(config.replace(dtype=dtype, float32_residual=float32_residual))
         forward = jax.jit(lambda p, *x: model.apply({"params": p}, *x).logits)
         return np.asarray(forward(params, *inputs), np.float32)
 
@@ -169,12 +170,13 @@ def bf16_against_float32(shape: str, batch_size: int, seq: int) -> None:
     for name, logits in (
         ("PyTorch float32", TorchEarlyExit(config, params, "float32").full(data)),
         ("ours bfloat16", ours("bfloat16")),
+        ("ours bf16, f32 stream", ours("bfloat16", float32_residual=True)),  # model.float32_residual
         ("PyTorch bfloat16", TorchEarlyExit(config, params, "bfloat16").full(data)),
     ):
         error = np.abs(logits - reference).max(axis=(1, 2)) / scale
         same = (logits.argmax(-1) == reference.argmax(-1)).mean(axis=1)
         print(
-            f"  {name:<17} against our float32, per exit: max error / max logit "
+            f"  {name:<21} against our float32, per exit: max error / max logit "
             f"{error.min():.1e}-{error.max():.1e}, same argmax {same.min():.1%}-{same.max():.1%}"
         )
 

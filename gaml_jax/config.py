@@ -64,6 +64,10 @@ class ModelConfig:
     exit_pooling: str = "cls"  # "cls" or "mean" (``load_pretrained`` resolves "auto" to one).
     exit_pooler_dense: bool = True  # The pooler's dense + tanh after the pooling.
     dtype: str = "float32"  # Compute dtype; parameters always stay float32.
+    # Under 16-bit compute, keep the residual stream in float32: the embeddings' sum, each residual
+    # sum and LayerNorm's output (what passes from layer to layer), as torch.autocast does; matrix
+    # products still take 16-bit inputs. Off: the stream is in the compute dtype. No effect in float32.
+    float32_residual: bool = False
     # The training forward runs the layers as one lax.scan (one compiled layer body) rather than an
     # unrolled loop; the same numbers and parameter tree either way (see MultiExitBert._encode).
     # Off by default: measured on CPU it compiles no faster and steps 7% slower (README, Performance).
@@ -93,6 +97,8 @@ class ModelConfig:
             )
         if not isinstance(self.scan_layers, bool):
             raise ValueError(f"scan_layers must be True or False, got {self.scan_layers!r}.")
+        if not isinstance(self.float32_residual, bool):
+            raise ValueError(f"float32_residual must be True or False, got {self.float32_residual!r}.")
         if not isinstance(self.exit_pooler_dense, bool):
             raise ValueError(f"exit_pooler_dense must be True or False, got {self.exit_pooler_dense!r}.")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -114,6 +120,11 @@ class ModelConfig:
     @property
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
+
+    @property
+    def residual_dtype(self) -> jnp.dtype:
+        """The dtype of the residual stream: float32 with ``float32_residual``, else the compute dtype."""
+        return jnp.dtype(jnp.float32) if self.float32_residual else self.compute_dtype
 
     @property
     def exit_dropout(self) -> float:

@@ -62,7 +62,7 @@ def _dense(config: ModelConfig, features: int, name: str) -> nn.Dense:
 
 def _layer_norm(config: ModelConfig, name: str = "LayerNorm") -> nn.LayerNorm:
     return nn.LayerNorm(
-        epsilon=config.layer_norm_eps, dtype=config.compute_dtype, param_dtype=jnp.float32, name=name
+        epsilon=config.layer_norm_eps, dtype=config.residual_dtype, param_dtype=jnp.float32, name=name
     )
 
 
@@ -87,7 +87,7 @@ class BertEmbeddings(nn.Module):
             nn.Embed,
             features=cfg.hidden_size,
             embedding_init=nn.initializers.normal(cfg.initializer_range),
-            dtype=cfg.compute_dtype,
+            dtype=cfg.residual_dtype,
             param_dtype=jnp.float32,
         )
         positions = jnp.arange(input_ids.shape[-1])[None, :]
@@ -97,8 +97,8 @@ class BertEmbeddings(nn.Module):
         # is a [types, tokens] x [tokens, hidden] matmul, and its forward is the gather's, exactly
         # (one term per sum; "highest" keeps float32 rows from TF32 rounding on a GPU).
         token_types = embed(cfg.type_vocab_size, name="token_type_embeddings")
-        one_hot = jax.nn.one_hot(token_type_ids, cfg.type_vocab_size, dtype=cfg.compute_dtype)
-        type_table = token_types.embedding.astype(cfg.compute_dtype)
+        one_hot = jax.nn.one_hot(token_type_ids, cfg.type_vocab_size, dtype=cfg.residual_dtype)
+        type_table = token_types.embedding.astype(cfg.residual_dtype)
         hidden = (
             embed(cfg.vocab_size, name="word_embeddings")(input_ids)
             + jnp.einsum("bst,th->bsh", one_hot, type_table, precision=jax.lax.Precision.HIGHEST)

@@ -76,8 +76,17 @@ def mean_classifier():
     return model, EarlyExitRunner(model, params, batch_buckets=(1, 2, 4, 8))
 
 
+@pytest.fixture(scope="module")
+def bfloat16_float32_stream():
+    """bfloat16 compute, the residual stream in float32: the runner carries float32 hidden states
+    between its per-layer programs, through compaction."""
+    model, params = tiny_model(num_labels=3, seed=1, exit_pooling="mean")
+    model = MultiExitBert(model.config.replace(dtype="bfloat16", float32_residual=True))
+    return model, EarlyExitRunner(model, params, batch_buckets=(1, 2, 4, 8))
+
+
 @pytest.mark.parametrize("criterion,target", [("entropy", 1.4), ("confidence", 1.4), ("patience", 1.1)])
-@pytest.mark.parametrize("runner_fixture", ["classifier", "mean_classifier"])
+@pytest.mark.parametrize("runner_fixture", ["classifier", "mean_classifier", "bfloat16_float32_stream"])
 def test_runner_matches_full_model_at_each_exit(request, runner_fixture, criterion, target):
     model, runner = request.getfixturevalue(runner_fixture)
     cfg = model.config
