@@ -75,6 +75,10 @@ RESUMABLE_CHANGES = frozenset(
 )
 # Fields that `extend=True` (train.py --extend) lets a resumed run change: the run's length.
 EXTENSIONS = frozenset({"train.num_train_steps", "train.num_epochs"})
+# Fields added to the config after runs were saved without them, each with the value that computes
+# what the code before it computed: a saved run that lacks one is compared as if it held that
+# value, so it resumes under that value and is refused under another.
+ADDED_FIELDS = {"model.float32_residual": False}
 
 
 class ConfigError(ValueError):
@@ -165,7 +169,8 @@ def check_resume(
             "one): train in a new --workdir."
         )
     missing = "(absent)"
-    saved, new = _flat_items(json.loads(path.read_text())), _flat_items(_as_saved(config))
+    saved = {**ADDED_FIELDS, **_flat_items(json.loads(path.read_text()))}
+    new = _flat_items(_as_saved(config))
     changed = sorted(k for k in saved.keys() | new.keys() if saved.get(k, missing) != new.get(k, missing))
     allowed = RESUMABLE_CHANGES | (EXTENSIONS if extend else frozenset())
     refused = [k for k in changed if k not in allowed]

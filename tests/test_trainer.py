@@ -241,6 +241,22 @@ def test_resume_allows_fields_that_do_not_change_the_computation(finished_run, t
     assert "already finished at step 4 of 4" in capsys.readouterr().out
 
 
+def test_a_run_saved_before_a_config_field_existed_resumes_under_its_old_value(finished_run, tmp_path):
+    """``trainer.ADDED_FIELDS``: a run whose config.json predates a field is compared as if it held
+    the value that computes what the older code computed."""
+    make_config, workdir, results = finished_run
+    shutil.copytree(workdir, tmp_path / "run")
+    path = tmp_path / "run" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["model"]["float32_residual"]
+    path.write_text(json.dumps(saved))
+    assert train_and_evaluate(make_config(), str(tmp_path / "run")) == results
+    config = make_config()
+    config.model.float32_residual = True
+    with pytest.raises(ConfigError, match=re.escape("model.float32_residual false -> true")):
+        train_and_evaluate(config, str(tmp_path / "run"))
+
+
 def test_extend_trains_a_finished_run_longer(finished_run, tmp_path):
     make_config, workdir, _ = finished_run
     shutil.copytree(workdir, tmp_path / "run")
