@@ -117,7 +117,7 @@ VARIANTS = {
     "vmap": ("GAML's two pull-backs batched (grad_mode='vmap')", {"grad_mode": "vmap"}),
     "f32-stream": (
         "the residual stream in float32 (model.float32_residual)",
-        {"model": {"float32_residual": True}},
+        {"model_options": {"float32_residual": True}},
     ),
 }
 GAML_ONLY = {"vmap"}  # variants that change only what the GAML step computes (CE has one pull-back)
@@ -149,12 +149,12 @@ def jax_step(
     optimizer: dict | None = None,
     compiler_options: dict | None = None,
     grad_mode: str = "vjp",
-    model: dict | None = None,
+    model_options: dict | None = None,
 ) -> Callable[[], None]:
     """``run()`` does one compiled update on ``batch`` (on the device), waits for it and returns its
     metrics. By default the trainer's step; the keyword arguments make its what-if forms
     (``VARIANTS``)."""
-    model = MultiExitBert(config.replace(**(model or {})))
+    model = MultiExitBert(config.replace(**(model_options or {})))
     tx = bench_optimizer(method, **(optimizer or {}))
     state = create_train_state(jax.tree.map(jnp.copy, params), tx)  # the step donates its state
     step = jax.jit(  # with the trainer's XLA options
