@@ -6,7 +6,8 @@ For MiniLM (6 x 384) and BERT-base (12 x 768) shapes, times the jitted train ste
   gaml/grad   GAML with two independent jax.grad calls (the design card's literal form),
 and prints the ratios to the CE-only step (the floor is about 5/3: one forward and two
 backwards against one of each), the compiled temporary memory (XLA's memory analysis) and
-examples/s. Random weights: speed does not depend on them.
+examples/s. The three steps' timed calls alternate, each round in the reverse order of the one
+before (``bench_vs_torch.race``). Random weights: speed does not depend on them.
 
     python bench/bench_step.py            # both shapes, batch 32 x seq 128
     python bench/bench_step.py --quick    # MiniLM only, batch 16 x seq 64, fewer repeats
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,6 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.bench_vs_torch import race  # noqa: E402
 from gaml_jax.compilation import training_compiler_options  # noqa: E402
 from gaml_jax.config import ModelConfig  # noqa: E402
 from gaml_jax.model import MultiExitBert  # noqa: E402
@@ -52,31 +53,29 @@ def make_batch(batch: int, seq: int, vocab: int) -> dict[str, jax.Array]:
     }
 
 
-def bench_variant(config: ModelConfig, params, batch, method: str, grad_mode: str, repeats: int) -> dict:
+def compile_variant(config: ModelConfig, params, batch, method: str, grad_mode: str):
+    """(``run()``: one compiled step on ``batch``, waited for; the program's temporary bytes)."""
     model = MultiExitBert(config)
     tx = make_optimizer(
         method=method, total_steps=1000, learning_rate=2e-5, exit_learning_rate=2e-4, warmup_steps=10
     )
     # A private copy: the step donates its state, and the next variant needs the parameters.
-    state = create_train_state(jax.tree.map(jnp.copy, params), tx)
+    holder = {"state": create_train_state(jax.tree.map(jnp.copy, params), tx)}
     step = jax.jit(
         functools.partial(train_step, model=model, tx=tx, grad_mode=grad_mode),
         donate_argnums=0,
         compiler_options=training_compiler_options(),  # the trainer's XLA options
     )
     rng = dropout_key(0)  # the trainer's dropout stream
-    step = step.lower(state, batch, rng).compile()
+    step = step.lower(holder["state"], batch, rng).compile()
     memory = step.memory_analysis()
     temp_bytes = getattr(memory, "temp_size_in_bytes", float("nan")) if memory is not None else float("nan")
-    state, metrics = step(state, batch, rng)  # warm-up
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state, metrics = step(state, batch, rng)
+
+    def run():
+        holder["state"], metrics = step(holder["state"], batch, rng)
         jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    return {"seconds": float(np.median(times)), "temp_bytes": temp_bytes}
+
+    return run, temp_bytes
 
 
 def main() -> None:
@@ -105,7 +104,10 @@ def main() -> None:
         config = ModelConfig(**SHAPES[name], dtype=args.dtype)
         params = MultiExitBert(config).init(jax.random.key(0), jnp.ones((1, seq), jnp.int32))["params"]
         batch = make_batch(batch_size, seq, config.vocab_size)
-        results = {v: bench_variant(config, params, batch, *VARIANTS[v], repeats) for v in VARIANTS}
+        compiled = {v: compile_variant(config, params, batch, *VARIANTS[v]) for v in VARIANTS}
+        # The variants' calls alternate (bench_vs_torch.race): load on a shared machine hits all alike.
+        seconds = race({v: run for v, (run, _) in compiled.items()}, repeats)
+        results = {v: {"seconds": seconds[v]["wall"], "temp_bytes": compiled[v][1]} for v in VARIANTS}
         base = results["ce"]
         for variant, r in results.items():
             print(

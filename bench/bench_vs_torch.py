@@ -7,8 +7,9 @@ at 1.0, AdamW with one rate for the encoder and another for the exits. Ours are 
 (an optimizer made with ``method="ce"``) and the GAML step (``method="gaml"``). Also the inference forward
 (every exit's logits, parameters on the device) at batch 1 x 32 and 32 x 64 tokens.
 
-Timed calls alternate between the contenders (the machine is shared and noisy); each figure is a
-median, and each ratio is ours over PyTorch's examples/s (> 1: we are faster). torch uses as
+Timed calls alternate between the contenders, each round in the reverse order of the one before
+(the machine is shared and noisy; ``race_order``); each figure is a median, and each ratio is ours
+over PyTorch's examples/s (> 1: we are faster). torch uses as
 many threads as XLA's CPU client does (one per core this process may run on).
 
     python bench/bench_vs_torch.py                    # MiniLM shape, batch 32 x seq 64
@@ -288,8 +289,19 @@ def torch_forward(config: ModelConfig, side: TorchSide, batch: dict[str, np.ndar
 # --------------------------------------------------------------------------- timing
 
 
+def race_order(names: list[str], repeats: int) -> list[list[str]]:
+    """The timed rounds of :func:`race`: every contender once per round, each round in the reverse
+    order of the one before (A B C, C B A, A B C, ...). A contender then follows a different one
+    from round to round, so what a call leaves behind (another library's threads still spinning,
+    caches filled with its buffers) is not always charged to the same neighbour: in a fixed order,
+    our GAML step always ran right after PyTorch's step and its ratio to our CE step read 1.90-2.03
+    on BERT-base, against 1.65-1.80 raced without PyTorch (README, Performance)."""
+    return [list(names) if r % 2 == 0 else list(reversed(names)) for r in range(repeats)]
+
+
 def race(contenders: dict[str, Callable[[], None]], repeats: int) -> dict[str, dict[str, float]]:
-    """Median wall and CPU seconds per call of each contender; calls alternate after a warm-up each.
+    """Median wall and CPU seconds per call of each contender, after a first (warm-up) call each;
+    the timed calls alternate between the contenders, in the rounds of :func:`race_order`.
 
     CPU seconds (all threads of this process) are the steadier figure on a shared CPU: they do
     not grow when other processes take the cores, as wall time does.
@@ -302,10 +314,10 @@ def race(contenders: dict[str, Callable[[], None]], repeats: int) -> dict[str, d
             flush=True,
         )
     times = {name: {"wall": [], "cpu": []} for name in contenders}
-    for _ in range(repeats):
-        for name, run in contenders.items():
+    for round_names in race_order(list(contenders), repeats):
+        for name in round_names:
             wall, cpu = time.perf_counter(), time.process_time()
-            run()
+            contenders[name]()
             times[name]["cpu"].append(time.process_time() - cpu)
             times[name]["wall"].append(time.perf_counter() - wall)
     return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}

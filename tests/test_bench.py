@@ -84,3 +84,21 @@ def test_step_variants_take_the_same_step_but_for_what_they_change():
     rbg = two_steps(**bench_vs_torch.variant_options("rbg"))
     assert rbg[0]["ce"] != base[0]["ce"]
     np.testing.assert_allclose(rbg[0]["ce"], base[0]["ce"], rtol=0.2)
+
+
+def test_race_alternates_and_reverses_its_rounds():
+    """Each contender is called once to warm up, then ``repeats`` times, every round in the reverse
+    order of the one before, so that no contender always follows the same neighbour; the medians are
+    of the timed calls only."""
+    assert bench_vs_torch.race_order(["a", "b", "c"], 4) == [
+        ["a", "b", "c"],
+        ["c", "b", "a"],
+        ["a", "b", "c"],
+        ["c", "b", "a"],
+    ]
+    calls = []
+    contenders = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    seconds = bench_vs_torch.race(contenders, 3)
+    assert calls == ["a", "b", "c"] + ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert set(seconds) == {"a", "b", "c"}
+    assert all(s["wall"] >= 0 and s["cpu"] >= 0 for s in seconds.values())
