@@ -295,7 +295,7 @@ def race_order(names: list[str], repeats: int) -> list[list[str]]:
     from round to round, so what a call leaves behind (another library's threads still spinning,
     caches filled with its buffers) is not always charged to the same neighbour: in a fixed order,
     our GAML step always ran right after PyTorch's step and its ratio to our CE step read 1.90-2.03
-    on BERT-base, against 1.65-1.80 raced without PyTorch (README, Performance)."""
+    on BERT-base, against 1.65-1.80 raced without PyTorch (docs/performance.md)."""
     return [list(names) if r % 2 == 0 else list(reversed(names)) for r in range(repeats)]
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of README's Performance section, in one run on a machine with a CUDA GPU:
+# The GPU figures of the README's Performance section, in one run on a machine with a CUDA GPU:
 #
 #   bash bench/gpu.sh                 # on the GPU: BERT-base, bfloat16, every part
 #   bash bench/gpu.sh train           # some parts only: train, checks, profile, exit (a lent

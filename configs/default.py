@@ -85,7 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
     # float32, as torch.autocast keeps it: nearer float32's answers, more bytes moved per layer.
     model.float32_residual = False
     # Training runs the layers as one lax.scan (one compiled layer body) or unrolled; inference unrolled.
-    # Off: on CPU it compiled no faster and stepped 7% slower (README, Performance).
+    # Off: on CPU it compiled no faster and stepped 7% slower (docs/performance.md).
     model.scan_layers = False
     model.hidden_dropout_prob = config_dict.placeholder(float)  # None: the checkpoint's value.
     model.attention_probs_dropout_prob = config_dict.placeholder(float)  # None: the checkpoint's value.

@@ -47,7 +47,7 @@ def training_compiler_options() -> dict[str, str] | None:
 # On the CPU, per-tensor constants (a tensor's offset in the flat optimizer's vectors, a layer's
 # index among the dropout keys) reach the train step's kernels as run-time values
 # (as_runtime_values), so that the kernels of same-shaped tensors and layers are one kernel.
-# Measured side by side (bench/bench_compile.py --variants; README, Performance). False: as before.
+# Measured side by side (bench/bench_compile.py --variants; docs/performance.md). False: as before.
 SHARE_KERNELS = True
 
 
@@ -113,7 +113,7 @@ def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> Path
 # kernels fan out), and releases Python's lock while it does: on a 2-core CPU, the three length
 # buckets' MiniLM GAML steps, lowered one after the other, compiled in 34-35 s of wall clock two or
 # three at a time, against 44 s one at a time, for about the same CPU time (a scratch script;
-# bench/bench_compile.py --train --first-call measures train.py; README, Performance).
+# bench/bench_compile.py --train --first-call measures train.py; docs/performance.md).
 AHEAD_WORKERS: int | None = None
 
 

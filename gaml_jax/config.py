@@ -70,7 +70,7 @@ class ModelConfig:
     float32_residual: bool = False
     # The training forward runs the layers as one lax.scan (one compiled layer body) rather than an
     # unrolled loop; the same numbers and parameter tree either way (see MultiExitBert._encode).
-    # Off by default: measured on CPU it compiles no faster and steps 7% slower (README, Performance).
+    # Off by default: measured on CPU it compiles no faster and steps 7% slower (docs/performance.md).
     scan_layers: bool = False
 
     def __post_init__(self):

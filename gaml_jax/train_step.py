@@ -219,7 +219,7 @@ def uses_kd(opt_state: optax.OptState) -> bool:
 
 # The dropout stream's PRNG: JAX's threefry2x32 with its hash written out (gaml_jax.prng), the same
 # bits as jax.random.key(seed) without the loop JAX:CPU puts in every hash. Measured side by side
-# (bench/bench_cpu_options.py --rng-a/--rng-b; figures in the README's Performance section).
+# (bench/bench_cpu_options.py --rng-a/--rng-b; figures in docs/performance.md).
 # JAX's "rbg" (XLA's RngBitGenerator) was measured too and not taken: the MiniLM GAML step alone
 # compiled in 13.6 +- 0.9 s against 15.5 +- 2.2 s (six compiles each, a noisy 2-core box) and ran
 # ~3% faster, but a whole cold 20-step train.py run compiled no less (37.1-40.3 s against

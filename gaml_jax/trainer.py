@@ -483,8 +483,8 @@ def _compile_ahead(parallel, state, rng, predict_fn, config, splits, task, steps
     """Compiles the train step for every padded length steps [first, last) will meet, and the
     evaluation's forward for every length of the dev splits when the run evaluates, several at once
     (compilation.compile_ahead). On a 2-core CPU the demo's training compiled in 10% less wall clock
-    than with each program compiled when the loop first met it (two clean pairs of runs; README,
-    Performance); with more cores than programs, it should approach the time of the slowest one."""
+    than with each program compiled when the loop first met it (two clean pairs of runs;
+    docs/performance.md); with more cores than programs, it should approach the time of the slowest one."""
     t = config.train
     bucket_kw = dict(buckets=tuple(config.data.length_buckets), max_length=config.data.max_length)
     first, last = steps
