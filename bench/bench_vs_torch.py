@@ -9,8 +9,8 @@ at 1.0, AdamW with one rate for the encoder and another for the exits. Ours are 
 
 Timed calls alternate between the contenders, each round in the reverse order of the one before
 (the machine is shared and noisy; ``race_order``); each figure is a median, and each ratio is ours
-over PyTorch's examples/s (> 1: we are faster). torch uses as
-many threads as XLA's CPU client does (one per core this process may run on).
+over PyTorch's examples/s (> 1: we are faster). torch uses as many threads as XLA's CPU client
+does (one per core this process may run on).
 
     python bench/bench_vs_torch.py                    # MiniLM shape, batch 32 x seq 64
     python bench/bench_vs_torch.py --shape bert-base  # BERT-base shape
