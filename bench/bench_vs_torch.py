@@ -292,10 +292,10 @@ def torch_forward(config: ModelConfig, side: TorchSide, batch: dict[str, np.ndar
 def race_order(names: list[str], repeats: int) -> list[list[str]]:
     """The timed rounds of :func:`race`: every contender once per round, each round in the reverse
     order of the one before (A B C, C B A, A B C, ...). A contender then follows a different one
-    from round to round, so what a call leaves behind (another library's threads still spinning,
-    caches filled with its buffers) is not always charged to the same neighbour: in a fixed order,
-    our GAML step always ran right after PyTorch's step and its ratio to our CE step read 1.90-2.03
-    on BERT-base, against 1.65-1.80 raced without PyTorch (docs/performance.md)."""
+    from round to round, so whatever a call leaves behind for the next (the cause was not measured)
+    is not always charged to the same neighbour: in a fixed order, our GAML step always ran right
+    after PyTorch's step and its ratio to our CE step read 1.90-2.03 on BERT-base, against 1.65-1.80
+    raced without PyTorch, and 1.94 on MiniLM against 1.71 counterbalanced (docs/performance.md)."""
     return [list(names) if r % 2 == 0 else list(reversed(names)) for r in range(repeats)]
 
 
