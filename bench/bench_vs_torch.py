@@ -33,6 +33,7 @@ step for those that only it has (``vmap``) or with ``--gaml-variants``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import statistics
@@ -47,6 +48,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gaml_jax import model as model_lib  # noqa: E402
 from gaml_jax.compilation import training_compiler_options  # noqa: E402
 from gaml_jax.config import ModelConfig  # noqa: E402
 from gaml_jax.losses import exit_weights  # noqa: E402
@@ -116,6 +118,10 @@ VARIANTS = {
     "unsafe_rbg": ("dropout bits from RngBitGenerator, keys split unsafely", {"rng_impl": "unsafe_rbg"}),
     "tree": ("the optimizer per tensor, not on flat vectors", {"optimizer": {"flat": False}}),
     "vmap": ("GAML's two pull-backs batched (grad_mode='vmap')", {"grad_mode": "vmap"}),
+    "eigen-dw": (
+        "kernel gradients as XLA forms them, contracting the tokens (model.TRANSPOSED_WEIGHT_GRADIENTS off)",
+        {"transposed_weight_gradients": False},
+    ),
     "f32-stream": (
         "the residual stream in float32 (model.float32_residual)",
         {"model_options": {"float32_residual": True}},
@@ -151,6 +157,7 @@ def jax_step(
     compiler_options: dict | None = None,
     grad_mode: str = "vjp",
     model_options: dict | None = None,
+    transposed_weight_gradients: bool | None = None,
 ) -> Callable[[], None]:
     """``run()`` does one compiled update on ``batch`` (on the device), waits for it and returns its
     metrics. By default the trainer's step; the keyword arguments make its what-if forms
@@ -168,10 +175,23 @@ def jax_step(
     holder = {"state": state}
 
     def run():
-        holder["state"], metrics = step(holder["state"], batch, rng)
+        # The model reads the switch while the step is traced, at the first call.
+        with _switched(model_lib, "TRANSPOSED_WEIGHT_GRADIENTS", transposed_weight_gradients):
+            holder["state"], metrics = step(holder["state"], batch, rng)
         return jax.block_until_ready(metrics)
 
     return run
+
+
+@contextlib.contextmanager
+def _switched(module, name: str, value):
+    """Within it, ``module.name`` is ``value`` (unchanged where ``value`` is None)."""
+    original = getattr(module, name)
+    setattr(module, name, original if value is None else value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
 
 
 def jax_forward(config: ModelConfig, params, batch) -> Callable[[], None]:

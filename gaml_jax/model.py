@@ -19,6 +19,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from gaml_jax import names
 from gaml_jax.compilation import as_runtime_values
@@ -50,12 +51,78 @@ _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+# On the CPU, a Dense that widens its input (hidden -> hidden, hidden -> intermediate) computes its
+# kernel's gradient from a transposed copy of its input, so that XLA:CPU runs it as a YNNPACK
+# product rather than as an Eigen product that contracts over the tokens (_dense_dot_general).
+# Measured side by side (bench/bench_vs_torch.py --variants eigen-dw; docs/performance.md).
+# False: XLA's own form, as before. Read when a function is traced.
+TRANSPOSED_WEIGHT_GRADIENTS = True
+
+
+@jax.custom_jvp
+def _dense_dot(x: Array, kernel: Array) -> Array:
+    """``x @ kernel`` over ``x``'s last axis; its derivative is :func:`_dense_dot_jvp`'s."""
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _dense_dot_jvp(primals, tangents):
+    """The product rule, ``dx @ kernel + x @ dkernel``, with the second term written as
+    ``transpose(x).T @ dkernel`` where ``transpose(x)`` is a copy XLA may not fold away (an
+    optimisation barrier). Reverse mode transposes this linear map: the kernel's cotangent is then
+    ``transpose(x) @ cotangent``, a product whose left operand contracts its last axis, which
+    XLA:CPU hands to YNNPACK; JAX's own rule contracts both operands' leading axes (the tokens),
+    which XLA:CPU leaves to Eigen's slower kernel. The copy is computed in the forward pass and kept
+    for the backward pass in place of ``x``; the gradient is the same sums, added in another order."""
+    (x, kernel), (dx, dkernel) = primals, tangents
+    y = _dense_dot(x, kernel)
+    terms = []
+    if not isinstance(dx, SymbolicZero):
+        terms.append(_dense_dot(dx, kernel))
+    if not isinstance(dkernel, SymbolicZero):
+        x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)  # [in, tokens]
+        terms.append(jax.lax.dot_general(x_t, dkernel, (((0,), (0,)), ((), ()))).reshape(y.shape))
+    if not terms:
+        return y, jnp.zeros_like(y)
+    return y, functools.reduce(jnp.add, terms)
+
+
+_dense_dot.defjvp(_dense_dot_jvp, symbolic_zeros=True)
+
+
+def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """``nn.Dense``'s product: :func:`_dense_dot` for a widening Dense on the CPU (where
+    ``TRANSPOSED_WEIGHT_GRADIENTS`` is on), else ``lax.dot_general`` as Flax calls it.
+
+    Only widening ones (input width <= output width): for a narrowing one (the feed-forward's
+    output, intermediate -> hidden) the copy to transpose is the wide input, which costs about
+    what the faster product saves. Off the CPU, GPU and TPU libraries take either layout at
+    full speed.
+    """
+    (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
+    if (
+        TRANSPOSED_WEIGHT_GRADIENTS
+        and jax.default_backend() == "cpu"
+        and tuple(lhs_contract) == (lhs.ndim - 1,)
+        and tuple(rhs_contract) == (0,)
+        and not lhs_batch
+        and rhs.ndim == 2
+        and lhs.shape[-1] <= rhs.shape[-1]
+        and precision is None
+        and preferred_element_type is None
+    ):
+        return _dense_dot(lhs, rhs)
+    return jax.lax.dot_general(
+        lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
+    )
+
+
 def _dense(config: ModelConfig, features: int, name: str) -> nn.Dense:
     return nn.Dense(
         features,
         dtype=config.compute_dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.normal(config.initializer_range),
+        dot_general=_dense_dot_general,
         name=name,
     )
 

@@ -58,9 +58,9 @@ def test_both_sides_of_the_torch_comparison_step():
 
 
 def test_step_variants_take_the_same_step_but_for_what_they_change():
-    """``--variants``: the optimizer per tensor and an XLA option change how the step is computed,
-    not its numbers, and so does a float32 residual stream under float32 compute; dropout bits
-    from RngBitGenerator change the masks only."""
+    """``--variants``: the optimizer per tensor, an XLA option and the kernel gradients in XLA's
+    form change how the step is computed, not its numbers, and so does a float32 residual stream
+    under float32 compute; dropout bits from RngBitGenerator change the masks only."""
     batch = jax.device_put(bench_vs_torch.make_batch(BATCH, SEQ, TINY.vocab_size))
     params = MultiExitBert(TINY).init(jax.random.key(0), batch["input_ids"])["params"]
     assert bench_vs_torch.variant_options("xla:xla_cpu_use_xnnpack=false") == {
@@ -76,7 +76,7 @@ def test_step_variants_take_the_same_step_but_for_what_they_change():
         return [jax.device_get(run()) for _ in range(2)]
 
     base = two_steps()
-    for name in ("tree", "xla:xla_cpu_use_xnnpack=false", "f32-stream"):  # f32-stream: TINY is float32
+    for name in ("tree", "xla:xla_cpu_use_xnnpack=false", "f32-stream", "eigen-dw"):  # TINY is float32
         for ours, theirs in zip(two_steps(**bench_vs_torch.variant_options(name)), base, strict=True):
             for key in ("ce", "kd", "grad_norm_ce"):
                 np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, err_msg=f"{name} {key}")

@@ -565,3 +565,73 @@ def test_the_token_type_gradient_is_no_scatter_into_its_few_rows(tiny, dtype):
     assert f"{table}[{cfg.type_vocab_size},{cfg.hidden_size}]" not in written, written
     # The check can see a scatter: the word table's gradient is one.
     assert f"{table}[{cfg.vocab_size},{cfg.hidden_size}]" in written, written
+
+
+@pytest.mark.parametrize("widths", [(3, 7), (7, 3)], ids=["widening", "narrowing"])
+def test_dense_product_and_its_derivatives_match_numpy(widths):
+    """The Dense product (``model._dense_dot_general``, whose widening form on the CPU has its own
+    derivative rule) against numpy: value, both gradients, forward mode with one tangent or both."""
+    from gaml_jax.model import _dense_dot_general
+
+    rng = np.random.default_rng(3)
+    d_in, d_out = widths
+    x = rng.normal(size=(2, 5, d_in)).astype(np.float32)
+    kernel = rng.normal(size=(d_in, d_out)).astype(np.float32)
+    cot = rng.normal(size=(2, 5, d_out)).astype(np.float32)
+    tx, tk = rng.normal(size=x.shape).astype(np.float32), rng.normal(size=kernel.shape).astype(np.float32)
+
+    def dot(x, kernel):
+        return _dense_dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
+    close(jax.jit(dot)(x, kernel), x @ kernel)
+    gx, gk = jax.jit(jax.grad(lambda x, k: jnp.sum(dot(x, k) * cot), argnums=(0, 1)))(x, kernel)
+    close(gx, cot @ kernel.T)
+    close(gk, x.reshape(-1, d_in).T @ cot.reshape(-1, d_out))
+    close(jax.grad(lambda k: jnp.sum(dot(x, k) * cot))(kernel), gk)  # the input's tangent a zero
+    _, both = jax.jvp(dot, (x, kernel), (tx, tk))
+    close(both, tx @ kernel + x @ tk)
+    _, only_x = jax.jvp(lambda x: dot(x, kernel), (x,), (tx,))
+    close(only_x, tx @ kernel)
+    _, only_k = jax.jvp(lambda k: dot(x, k), (kernel,), (tk,))
+    close(only_k, x @ tk)
+    assert jax.jit(dot)(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("transposed", [True, False], ids=["default", "off"])
+def test_widening_dense_kernel_gradients_contract_a_transposed_input(tiny, monkeypatch, transposed):
+    """XLA:CPU gives YNNPACK only products whose left operand contracts its last axis; JAX's rule
+    for a kernel's gradient contracts the tokens, both operands' leading axes, and runs on Eigen's
+    slower kernel. With ``TRANSPOSED_WEIGHT_GRADIENTS`` (the default) no widening Dense's kernel
+    gradient (hidden -> hidden, hidden -> intermediate) is such a product; the feed-forward's
+    narrowing output keeps JAX's; off, every kernel gradient is one."""
+    from gaml_jax import model as model_lib
+
+    monkeypatch.setattr(model_lib, "TRANSPOSED_WEIGHT_GRADIENTS", transposed)
+    model, params = load_pretrained(tiny.folder)
+    batch, cfg = tiny.batch, model.config
+
+    def loss(params):
+        out = model.apply(
+            {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+        )
+        return jnp.sum(out.logits**2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).as_text(dialect="hlo")
+    # Shapes of the products that contract the tokens (both operands' leading axes): "f32[64,256]".
+    token_contracting = re.findall(
+        r"= (f32\[[\d,]*\])\S* dot\([^)]*\), "
+        r"lhs_contracting_dims=\{0(?:,1)?\}, rhs_contracting_dims=\{0(?:,1)?\}",
+        hlo,
+    )
+    hidden, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    # A kernel's gradient comes out [in, out] or [out, in]: the feed-forward's two kernels (one
+    # widening, one narrowing) share their shapes; the attention's four and the poolers' are square.
+    feed_forward = sum(
+        token_contracting.count(s) for s in (f"f32[{hidden},{inter}]", f"f32[{inter},{hidden}]")
+    )
+    square = token_contracting.count(f"f32[{hidden},{hidden}]")
+    if transposed:
+        assert (square, feed_forward) == (0, layers), token_contracting
+    else:
+        assert square >= 4 * layers and feed_forward == 2 * layers, token_contracting
