@@ -126,6 +126,9 @@ def main(argv):
 
 
 def train() -> None:
+    from gaml_jax.host_memory import keep_host_memory
+
+    keep_host_memory()  # before JAX starts: XLA:CPU's buffers reuse their pages (no page faults per step)
     import jax
 
     if FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"):

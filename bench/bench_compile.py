@@ -113,6 +113,9 @@ def _eval_child(workdir: str) -> None:
 def _train_child(steps: int, workdir: str, scan_layers: bool, first_call: bool) -> None:
     """One short training run in this process; prints a JSON line of its timings."""
     start = time.perf_counter()
+    from gaml_jax.host_memory import keep_host_memory
+
+    keep_host_memory()  # as train.py does, before JAX starts
     import jax
 
     durations, events = _listen_to_compiles()

@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 from bench.bench_vs_torch import SHAPES, bench_optimizer, make_batch  # noqa: E402
 from gaml_jax.config import ModelConfig  # noqa: E402
 from gaml_jax.early_exit import early_exit_program, serving_params  # noqa: E402
+from gaml_jax.host_memory import keep_host_memory  # noqa: E402
 from gaml_jax.model import MultiExitBert  # noqa: E402
 from gaml_jax.runtime import CPU_SERVING_OPTIONS  # noqa: E402
 from gaml_jax.train_step import DROPOUT_RNG_IMPL, create_train_state, train_step  # noqa: E402
@@ -126,6 +127,7 @@ def main() -> None:
         "--only", default="", help="time only the programs whose name holds one of these (comma-separated)"
     )
     args = parser.parse_args()
+    print(f"host memory: {keep_host_memory()} (gaml_jax.host_memory)")  # before JAX starts
     if jax.default_backend() != "cpu":
         raise SystemExit(f"XLA:CPU options: run this on the CPU (the backend is {jax.default_backend()}).")
     a, b = parse_options(args.a), parse_options(args.b)

@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from bench.bench_vs_torch import race  # noqa: E402
 from gaml_jax.compilation import training_compiler_options  # noqa: E402
 from gaml_jax.config import ModelConfig  # noqa: E402
+from gaml_jax.host_memory import keep_host_memory  # noqa: E402
 from gaml_jax.model import MultiExitBert  # noqa: E402
 from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer, train_step  # noqa: E402
 
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
+    print(f"host memory: {keep_host_memory()} (gaml_jax.host_memory)")  # before JAX starts
     batch_size = args.batch or (16 if args.quick else 32)
     seq = args.seq or (64 if args.quick else 128)
     repeats = args.repeats or (2 if args.quick else 3)

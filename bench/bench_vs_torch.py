@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 from gaml_jax import model as model_lib  # noqa: E402
 from gaml_jax.compilation import training_compiler_options  # noqa: E402
 from gaml_jax.config import ModelConfig  # noqa: E402
+from gaml_jax.host_memory import keep_host_memory  # noqa: E402
 from gaml_jax.losses import exit_weights  # noqa: E402
 from gaml_jax.model import MultiExitBert  # noqa: E402
 from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer, train_step  # noqa: E402
@@ -397,6 +398,8 @@ def main() -> None:
 
     if args.cores:  # before JAX starts its CPU client, which sizes its thread pool on the affinity
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
+    # Before JAX starts; the process's allocator, so torch's step runs under it too.
+    host_memory = keep_host_memory()
     import torch
 
     # XLA's CPU client runs one thread per core it may use; give torch the same.
@@ -411,7 +414,8 @@ def main() -> None:
         f"vocab {config.vocab_size}; compute {args.dtype}; "
         f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"torch {torch.__version__} on {side.device} with {torch.get_num_threads()} threads; "
-        f"{threads} cores; median of {repeats} alternating calls"
+        f"{threads} cores; host memory {host_memory} (gaml_jax.host_memory); "
+        f"median of {repeats} alternating calls"
     )
     params = MultiExitBert(config).init(jax.random.key(0), jnp.ones((1, seq), jnp.int32))["params"]
     params = jax.device_put(params)

@@ -34,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 from bench.bench_vs_torch import EXIT_LR, LR, SHAPES, WEIGHT_DECAY, make_batch  # noqa: E402
 from gaml_jax.compilation import training_compiler_options  # noqa: E402
 from gaml_jax.config import ModelConfig  # noqa: E402
+from gaml_jax.host_memory import keep_host_memory  # noqa: E402
 from gaml_jax.model import MultiExitBert  # noqa: E402
 from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer, train_step  # noqa: E402
 
@@ -136,6 +137,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Compute dtype.")
     parser.add_argument("--no-flat", action="store_true", help="The optimizer on the tree of tensors.")
     args = parser.parse_args()
+    print(f"host memory: {keep_host_memory()} (gaml_jax.host_memory)")  # before JAX starts
 
     config = ModelConfig(**SHAPES[args.shape], dtype=args.dtype)
     model = MultiExitBert(config)

@@ -1,0 +1,82 @@
+"""The host allocator: keep XLA:CPU's buffers' memory between steps instead of faulting it in anew.
+
+On the CPU, XLA allocates each call's temporaries (721 MB for the MiniLM CE step at 32 x 64) and
+outputs with ``malloc`` on its worker threads. glibc serves an allocation that large with a fresh
+``mmap`` and gives it back with ``munmap`` when it is freed, so every step touches every page of
+its temporaries for the first time: about 180,000 page faults per MiniLM step, 230-280 ms of kernel
+time on two cores, 12-14% of the step's wall clock (docs/performance.md, 2026-12-05).
+
+:func:`keep_host_memory` tells glibc (``mallopt``) to serve every thread from the one main heap
+(``M_ARENA_MAX=1``: the other arenas cannot grow past 64 MB and mmap anything larger), never to
+``mmap`` a block (``M_MMAP_MAX=0``) and never to return the heap's top to the system
+(``M_TRIM_THRESHOLD=-1``). A step's buffers then reuse the pages of the step before: no page
+faults after the first step, the same numbers. The process keeps its peak heap until it exits
+(its peak resident memory was no larger in the runs measured).
+
+It must run before JAX starts its CPU client: the client's worker threads pick their arena at
+their first ``malloc``. ``train.py``, ``eval.py``, ``predict.py`` and the benchmarks call it
+first thing. It does nothing off Linux's glibc, when JAX is headed for an accelerator (the
+device's memory is not ``malloc``'s), or when ``GAML_JAX_MALLOC_DEFAULTS=1`` is set (glibc's
+defaults, to compare).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.metadata
+import importlib.util
+import os
+import platform
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+M_ARENA_MAX = -8
+SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # -1: never trim
+
+DEFAULTS_VARIABLE = "GAML_JAX_MALLOC_DEFAULTS"
+
+
+def keep_host_memory() -> str:
+    """Sets glibc's allocator to reuse the host memory of XLA:CPU's buffers from step to step.
+
+    Call it before the first JAX computation (before ``jax.devices()``, an array, a ``jit``).
+
+    Returns:
+      What was done, in a few words: ``"kept"`` when the settings took; otherwise why not
+      (``"not glibc"``, ``"accelerator"``, ``"GAML_JAX_MALLOC_DEFAULTS=1"``, ``"too late: JAX
+      has started"``).
+    """
+    if os.environ.get(DEFAULTS_VARIABLE, "0") not in ("", "0"):
+        return f"{DEFAULTS_VARIABLE}=1"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "not glibc"
+    if _accelerator_expected():
+        return "accelerator"
+    if _jax_started():
+        return "too late: JAX has started"
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not all(libc.mallopt(parameter, value) for parameter, value in SETTINGS):
+        return "mallopt refused"
+    return "kept"
+
+
+def _accelerator_expected() -> bool:
+    """Whether JAX will pick a GPU or TPU backend, judged without starting it: the platforms
+    asked for (``JAX_PLATFORMS``), else an installed accelerator plugin or libtpu."""
+    import jax
+
+    platforms = jax.config.jax_platforms
+    if platforms:
+        return platforms.split(",")[0].strip() != "cpu"
+    if importlib.metadata.entry_points(group="jax_plugins"):
+        return True
+    return any(importlib.util.find_spec(name) is not None for name in ("libtpu", "jax_plugins"))
+
+
+def _jax_started() -> bool:
+    from jax._src import xla_bridge  # JAX has no public "are the backends up?"
+
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(started and started())
