@@ -20,7 +20,7 @@ import numpy as np
 from gaml_jax import names
 from gaml_jax.criteria import DEFAULT_REGRESSION_TOLERANCE, check_criterion
 from gaml_jax.model import MultiExitBert
-from gaml_jax.runtime import serving_jit
+from gaml_jax.runtime import serving_compiler_options
 
 PyTree = Any
 
@@ -33,6 +33,9 @@ DEFAULT_BATCH_BUCKETS = tuple(sorted({2**i for i in range(10)} | {3 * 2**i for i
 # Whether a runner on the CPU gathers the examples still running with numpy rather than with a
 # compiled program (EarlyExitRunner.compacts_on_host). False: on the device, as on accelerators.
 COMPACT_ON_HOST = True
+# XLA options of the runner's programs under 16-bit compute: every value rounded to its declared
+# dtype, so that the per-layer programs compute what the whole model's one program computes.
+EXACT_ROUNDING = {"xla_allow_excess_precision": False}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,10 +123,16 @@ class EarlyExitRunner:
         def full(p, input_ids, attention_mask, token_type_ids):
             return model.apply({"params": p}, input_ids, attention_mask, token_type_ids, True).logits
 
-        self._embed = jax.jit(embed)
+        # Under 16-bit compute XLA may skip a rounding to the compute dtype inside one program
+        # (xla_allow_excess_precision, on by default) that a chain of per-layer programs must make
+        # at their boundaries: on a CPU with native bfloat16 (AVX512_BF16, AMX) the runner's logits
+        # then differed from the whole model's by 1-3 bfloat16 steps. Both forms round as declared.
+        self._rounding = EXACT_ROUNDING if cfg.dtype != "float32" else {}
+        jit = functools.partial(jax.jit, compiler_options=self._rounding or None)
+        self._embed = jit(embed)
         # The hidden state is donated: each layer writes its output over its input.
-        self._layer = jax.jit(layer, donate_argnums=1)
-        self._layer_exit = jax.jit(layer_exit, donate_argnums=2)
+        self._layer = jit(layer, donate_argnums=1)
+        self._layer_exit = jit(layer_exit, donate_argnums=2)
         self._compact = jax.jit(compact)
         # On the CPU the device's memory is the host's: the running rows are gathered with numpy,
         # with no program to compile for each (batch bucket, smaller bucket, length) it meets
@@ -131,7 +140,7 @@ class EarlyExitRunner:
         self.compacts_on_host = COMPACT_ON_HOST and all(
             d.platform == "cpu" for x in jax.tree.leaves(params) for d in x.devices()
         )
-        self._full = jax.jit(full)
+        self._full = jit(full)
         self.one_program_at_batch_one = one_program_at_batch_one
         self._program_leaves, self._program_treedef = jax.tree.flatten(serving_params(model, params))
         self._programs: dict[tuple[str, float], Callable] = {}  # (criterion, tolerance) -> jitted
@@ -141,8 +150,11 @@ class EarlyExitRunner:
         run)``: early exit as one jitted device program (``early_exit_program``) on these weights."""
         key = (criterion, float(tolerance))
         if key not in self._programs:
-            program = serving_jit(  # with XLA:CPU's serving options (runtime.CPU_SERVING_OPTIONS)
-                early_exit_program(self.model, criterion, self._program_treedef, tolerance=tolerance)
+            # With XLA:CPU's serving options (runtime.CPU_SERVING_OPTIONS), rounding as declared.
+            options = (serving_compiler_options() or {}) | self._rounding
+            program = jax.jit(
+                early_exit_program(self.model, criterion, self._program_treedef, tolerance=tolerance),
+                compiler_options=options or None,
             )
             self._programs[key] = functools.partial(program, self._program_leaves)
         return self._programs[key]
