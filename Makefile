@@ -45,6 +45,7 @@ bench: setup-test
 	$(BIN)/python bench/bench_vs_torch.py --quick
 	$(BIN)/python bench/bench_cpu_options.py --quick
 	$(BIN)/python bench/bench_compile.py --variants --quick
+	$(BIN)/python bench/bench_host_memory.py --methods ce --steps 5 --rounds 1
 
 # CE, ML and GAML (layer weights, one epoch), GAML with uniform weights (one epoch) and the default
 # (GAML, uniform, two epochs) over seeds 0-2,

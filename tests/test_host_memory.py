@@ -3,7 +3,6 @@
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 # A train step in miniature: x -> x' (donated), with temporaries of 256 MB (as a train step's are,
-# which glibc mmaps afresh on every call); prints the minor page faults of each of 12 calls.
+# which glibc mmaps afresh on every call); prints the minor page faults of each of 40 calls.
 PROBE = """
 import functools, json, resource, sys
 from gaml_jax.host_memory import keep_host_memory
@@ -34,7 +33,7 @@ def step(x):  # the barriers keep y and z in buffers of their own, each as big a
 x = jax.device_put(np.random.default_rng(0).standard_normal(32 * 2**20).astype(np.float32))
 compiled = step.lower(x).compile()
 faults = []
-for _ in range(12):
+for _ in range(40):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = compiled(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -63,18 +62,21 @@ def test_kept_memory_takes_no_page_faults_where_glibc_takes_one_per_page():
     assert kept["status"] == "kept"
     pages = default["temp"] / page
     assert default["temp"] >= 200 * 2**20, default  # big enough for glibc to mmap it
+    faulting = lambda probe: sum(f >= 0.5 * pages for f in probe["faults"])  # calls that fault anew
     # glibc's defaults: every call faults its temporaries in anew.
-    assert statistics.median(default["faults"]) >= 0.5 * pages, default["faults"]
-    # Kept: a call reuses the pages of the call before. (The heap settles over the first calls:
-    # a call now and then still grows it while small allocations take parts of its free space.)
-    assert statistics.median(kept["faults"]) <= 0.01 * pages, kept["faults"]
+    assert faulting(default) >= 0.9 * len(default["faults"]), default["faults"]
+    # Kept: a call reuses the pages of the calls before. The heap settles over the first calls (up
+    # to ~10 seen, and a late one now and then): a call still grows it when small allocations have
+    # taken part of a freed block. Seen: 1-9 of 40 calls faulting.
+    assert faulting(kept) <= 0.5 * len(kept["faults"]), kept["faults"]
     assert kept["out"] == default["out"]  # the same numbers, to the bit
 
 
 def test_the_defaults_variable_turns_it_off():
     probe = _probe("keep", **{host_memory.DEFAULTS_VARIABLE: "1"})
     assert probe["status"] == f"{host_memory.DEFAULTS_VARIABLE}=1"
-    assert statistics.median(probe["faults"]) >= 0.5 * probe["temp"] / os.sysconf("SC_PAGE_SIZE")
+    pages = probe["temp"] / os.sysconf("SC_PAGE_SIZE")
+    assert sum(f >= 0.5 * pages for f in probe["faults"]) >= 0.9 * len(probe["faults"]), probe["faults"]
 
 
 def test_nothing_is_done_for_an_accelerator_or_once_jax_has_started(monkeypatch):

@@ -1,0 +1,182 @@
+"""The train step under glibc's defaults, with its buffers' memory kept, and with huge pages.
+
+The allocator is a setting of the whole process, so each form runs in a process of its own
+(``--child``), the forms alternating over rounds (each round in the reverse order of the one
+before). Each process compiles our train step (random weights, ``bench_vs_torch``'s batch), runs a
+warm-up step, then times ``--steps`` steps and prints medians of the wall clock and CPU time per
+step, the minor page faults per step and the process's peak resident memory:
+
+- ``defaults``: glibc's defaults (``GAML_JAX_MALLOC_DEFAULTS=1``): every step's temporaries are a
+  fresh ``mmap``, faulted in page by page;
+- ``kept``: :func:`gaml_jax.host_memory.keep_host_memory`, what train.py does;
+- ``huge-pages``: glibc's defaults with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (set before the
+  process starts: glibc reads it only then), where the kernel allows transparent huge pages.
+
+``--buckets`` cycles the batch through the demo's three padded lengths (32, 48, 64), as training
+does, which shows how far the kept heap grows before it settles.
+
+    python bench/bench_host_memory.py                          # MiniLM, CE and GAML, 32 x 64
+    python bench/bench_host_memory.py --shape bert-base --methods gaml --steps 4
+    python bench/bench_host_memory.py --buckets --steps 100 --methods ce --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FORMS = {
+    "defaults": {"GAML_JAX_MALLOC_DEFAULTS": "1"},
+    "kept": {},
+    "huge-pages": {"GAML_JAX_MALLOC_DEFAULTS": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+}
+BUCKETS = (32, 48, 64)
+
+
+def child(args: argparse.Namespace) -> None:
+    """One form in this process: prints a JSON line of its medians."""
+    from gaml_jax.host_memory import keep_host_memory
+
+    status = keep_host_memory()  # before JAX starts, as train.py
+    import jax
+    import jax.numpy as jnp
+
+    from bench.bench_vs_torch import EXIT_LR, LR, SHAPES, WEIGHT_DECAY, make_batch
+    from gaml_jax.compilation import training_compiler_options
+    from gaml_jax.config import ModelConfig
+    from gaml_jax.model import MultiExitBert
+    from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer, train_step
+
+    config = ModelConfig(**SHAPES[args.shape])
+    model = MultiExitBert(config)
+    params = model.init(jax.random.key(0), jnp.ones((1, args.seq), jnp.int32))["params"]
+    tx = make_optimizer(
+        method=args.child_method,
+        total_steps=10_000,
+        learning_rate=LR,
+        exit_learning_rate=EXIT_LR,
+        warmup_steps=10,
+        weight_decay=WEIGHT_DECAY,
+    )
+    state = create_train_state(params, tx)
+    rng = dropout_key(0)
+    step = jax.jit(
+        functools.partial(train_step, model=model, tx=tx),
+        donate_argnums=0,
+        compiler_options=training_compiler_options(),
+    )
+    lengths = BUCKETS if args.buckets else (args.seq,)
+    batches = [jax.device_put(make_batch(args.batch, n, config.vocab_size, seed=n)) for n in lengths]
+    for batch in batches:  # compiles each length, and warms up
+        state, metrics = step(state, batch, rng)
+        jax.block_until_ready(metrics)
+    wall, cpu, faults = [], [], []
+    for i in range(args.steps):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start, start_cpu = time.perf_counter(), time.process_time()
+        state, metrics = step(state, batches[i % len(batches)], rng)
+        jax.block_until_ready(metrics)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    late = faults[len(faults) // 2 :]
+    print(
+        json.dumps(
+            {
+                "status": status,
+                "wall": statistics.median(wall),
+                "cpu": statistics.median(cpu),
+                "faults": statistics.median(faults),
+                "faults_late": statistics.median(late),
+                "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                "ce": float(metrics["ce"]),
+            }
+        )
+    )
+
+
+def run_form(form: str, method: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--child", form, "--child-method", method, "--shape", args.shape]
+    command += ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+    command += ["--buckets"] if args.buckets else []
+    env = {k: v for k, v in os.environ.items() if k not in ("GAML_JAX_MALLOC_DEFAULTS", "GLIBC_TUNABLES")}
+    result = subprocess.run(command, capture_output=True, text=True, env={**env, **FORMS[form]})
+    if result.returncode:
+        sys.exit(f"{form} {method} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _times(base: list[dict] | None, key: str, ms: float) -> str:
+    """How many times faster than glibc's defaults ``ms`` is (their median over ``ms``)."""
+    return f"{statistics.median(x[key] for x in base) * 1e3 / ms:.2f}x" if base else "n/a"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", default="minilm", choices=["minilm", "bert-base"])
+    parser.add_argument("--methods", default="ce,gaml", help="Comma-separated: ce, ml, gaml.")
+    parser.add_argument("--forms", default=",".join(FORMS), help=f"Comma-separated, of {list(FORMS)}.")
+    parser.add_argument("--steps", type=int, default=15, help="Timed steps per process.")
+    parser.add_argument("--rounds", type=int, default=2, help="Processes per form and method.")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--buckets", action="store_true", help="Cycle lengths 32, 48, 64 as training does.")
+    parser.add_argument("--child", default=None, choices=sorted(FORMS), help=argparse.SUPPRESS)
+    parser.add_argument("--child-method", default="ce", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    forms = [f for f in args.forms.split(",") if f]
+    unknown = [f for f in forms if f not in FORMS]
+    if unknown:
+        sys.exit(f"--forms: unknown {unknown}; choose from {list(FORMS)}.")
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    print(
+        f"{args.shape}, batch {args.batch} x seq {'32/48/64' if args.buckets else args.seq}, "
+        f"{args.steps} timed steps per process, {args.rounds} rounds alternating; "
+        f"transparent huge pages: {thp.read_text().strip() if thp.exists() else 'n/a'}"
+    )
+    for method in [m for m in args.methods.split(",") if m]:
+        runs: dict[str, list[dict]] = {form: [] for form in forms}
+        for r in range(args.rounds):
+            for form in forms if r % 2 == 0 else forms[::-1]:
+                runs[form].append(run_form(form, method, args))
+        print(f"\n{method} step")
+        print(
+            f"  {'form':<12}{'wall ms':>9}{'x defaults':>11}{'CPU ms':>9}{'x defaults':>11}"
+            f"{'faults/step':>13}{'2nd half':>10}{'peak RSS GB':>13}  status"
+        )
+        base = runs.get("defaults")
+        for form, results in runs.items():
+            wall = statistics.median(x["wall"] for x in results) * 1e3
+            cpu = statistics.median(x["cpu"] for x in results) * 1e3
+            print(
+                f"  {form:<12}{wall:9.0f}{_times(base, 'wall', wall):>11}"
+                f"{cpu:9.0f}{_times(base, 'cpu', cpu):>11}"
+                f"{statistics.median(x['faults'] for x in results):13.0f}"
+                f"{statistics.median(x['faults_late'] for x in results):10.0f}"
+                f"{max(x['rss_gb'] for x in results):13.2f}  {results[0]['status']}"
+            )
+        losses = {form: {x["ce"] for x in results} for form, results in runs.items()}
+        same = len(set.union(*losses.values())) == 1
+        print(f"  the same CE loss after the last step in every process: {same}")
+        print("  (x defaults > 1: faster than glibc's defaults)")
+
+
+if __name__ == "__main__":
+    main()
