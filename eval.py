@@ -47,9 +47,6 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     from gaml_jax.compilation import enable_compilation_cache
-    from gaml_jax.host_memory import keep_host_memory
-
-    keep_host_memory()  # before JAX starts: XLA:CPU's buffers reuse their pages (no page faults per batch)
 
     enable_compilation_cache()  # ~/.cache/gaml_jax/xla, or $JAX_COMPILATION_CACHE_DIR
     try:

@@ -35,9 +35,6 @@ def main(argv):
             if getattr(FLAGS, name) is None:
                 raise ValueError(f"--{name} is required.")
         from gaml_jax import serving
-        from gaml_jax.host_memory import keep_host_memory
-
-        keep_host_memory()  # before JAX starts: XLA:CPU's buffers reuse their pages
 
         threshold = FLAGS.threshold
         if FLAGS.criterion == "patience" and threshold is not None and float(threshold).is_integer():

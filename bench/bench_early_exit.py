@@ -47,7 +47,6 @@ from gaml_jax.criteria import (
     speedup_layers,
 )
 from gaml_jax.early_exit import EarlyExitRunner
-from gaml_jax.host_memory import keep_host_memory
 from gaml_jax.model import MultiExitBert
 
 SHAPES = {
@@ -289,7 +288,6 @@ def main():
         help="Also early exit as one device program at every batch size.",
     )
     args = parser.parse_args()
-    print(f"host memory: {keep_host_memory()} (gaml_jax.host_memory)")  # before JAX starts
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     shapes = args.shapes.split(",") if args.shapes else (["minilm"] if args.quick else list(SHAPES))
     args.repeats = args.repeats or (2 if args.quick else 5)

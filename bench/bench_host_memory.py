@@ -52,23 +52,16 @@ def child(args: argparse.Namespace) -> None:
     import jax
     import jax.numpy as jnp
 
-    from bench.bench_vs_torch import EXIT_LR, LR, SHAPES, WEIGHT_DECAY, make_batch
+    from bench.bench_vs_torch import SHAPES, bench_optimizer, make_batch
     from gaml_jax.compilation import training_compiler_options
     from gaml_jax.config import ModelConfig
     from gaml_jax.model import MultiExitBert
-    from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer, train_step
+    from gaml_jax.train_step import create_train_state, dropout_key, train_step
 
     config = ModelConfig(**SHAPES[args.shape])
     model = MultiExitBert(config)
     params = model.init(jax.random.key(0), jnp.ones((1, args.seq), jnp.int32))["params"]
-    tx = make_optimizer(
-        method=args.child_method,
-        total_steps=10_000,
-        learning_rate=LR,
-        exit_learning_rate=EXIT_LR,
-        warmup_steps=10,
-        weight_decay=WEIGHT_DECAY,
-    )
+    tx = bench_optimizer(args.child_method)
     state = create_train_state(params, tx)
     rng = dropout_key(0)
     step = jax.jit(

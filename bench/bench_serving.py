@@ -40,7 +40,6 @@ from gaml_jax import data as data_lib
 from gaml_jax import names, runtime
 from gaml_jax.criteria import find_threshold
 from gaml_jax.export import export_classifier
-from gaml_jax.host_memory import keep_host_memory
 from gaml_jax.model import MultiExitBert
 from gaml_jax.serving import EarlyExitClassifier
 from gaml_jax.weights import load_pretrained, load_tokenizer
@@ -119,7 +118,6 @@ def main() -> None:
         "--length_buckets", default="32,64,128", help="our padded lengths (default: configs/default.py's)"
     )
     args = parser.parse_args()
-    print(f"host memory: {keep_host_memory()} (gaml_jax.host_memory)")  # before JAX starts
     buckets = tuple(int(b) for b in args.length_buckets.split(","))
     import torch
     import transformers

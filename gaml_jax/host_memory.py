@@ -3,21 +3,26 @@
 On the CPU, XLA allocates each call's temporaries (721 MB for the MiniLM CE step at 32 x 64) and
 outputs with ``malloc`` on its worker threads. glibc serves an allocation that large with a fresh
 ``mmap`` and gives it back with ``munmap`` when it is freed, so every step touches every page of
-its temporaries for the first time: about 180,000 page faults per MiniLM step, 230-280 ms of kernel
+its temporaries for the first time: about 180,000 page faults per MiniLM step, 230-370 ms of kernel
 time on two cores, 12-14% of the step's wall clock (docs/performance.md, 2026-12-05).
 
 :func:`keep_host_memory` tells glibc (``mallopt``) to serve every thread from the one main heap
 (``M_ARENA_MAX=1``: the other arenas cannot grow past 64 MB and mmap anything larger), never to
 ``mmap`` a block (``M_MMAP_MAX=0``) and never to return the heap's top to the system
 (``M_TRIM_THRESHOLD=-1``). A step's buffers then reuse the pages of the step before: no page
-faults after the first step, the same numbers. The process keeps its peak heap until it exits
-(its peak resident memory was no larger in the runs measured).
+faults once the heap has settled, the same numbers: the MiniLM CE step 1.14x as fast, GAML 1.05x.
+
+What it costs: the process keeps its peak heap, which grows over the first steps before it
+settles (the demo's peak RSS 4.5-4.7 GB against 2.8-3.2 GB), and with one arena for every thread
+XLA compiles about twice as slowly (two MiniLM GAML steps at once: 10.1-10.4 s against 5.2 s),
+the threads queueing for the heap's lock. So ``train.py``, whose steps outweigh its compiling,
+calls it; ``eval.py`` and ``predict.py``, mostly compiling, do not.
 
 It must run before JAX starts its CPU client: the client's worker threads pick their arena at
-their first ``malloc``. ``train.py``, ``eval.py``, ``predict.py`` and the benchmarks call it
-first thing. It does nothing off Linux's glibc, when JAX is headed for an accelerator (the
-device's memory is not ``malloc``'s), or when ``GAML_JAX_MALLOC_DEFAULTS=1`` is set (glibc's
-defaults, to compare).
+their first ``malloc``. It does nothing off Linux's glibc, when JAX is headed for an accelerator
+(the device's memory is not ``malloc``'s), or when ``GAML_JAX_MALLOC_DEFAULTS=1`` is set (glibc's
+defaults; with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` set too, before the process starts,
+transparent huge pages win nearly as much at no cost in memory or compile time).
 """
 
 from __future__ import annotations
