@@ -36,10 +36,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from gaml_jax.host_memory import DEFAULTS_VARIABLE  # noqa: E402  (the standard library only: JAX stays unstarted)
+
 FORMS = {
-    "defaults": {"GAML_JAX_MALLOC_DEFAULTS": "1"},
+    "defaults": {DEFAULTS_VARIABLE: "1"},
     "kept": {},
-    "huge-pages": {"GAML_JAX_MALLOC_DEFAULTS": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+    "huge-pages": {DEFAULTS_VARIABLE: "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
 }
 BUCKETS = (32, 48, 64)
 
@@ -103,7 +105,7 @@ def run_form(form: str, method: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--child", form, "--child-method", method, "--shape", args.shape]
     command += ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
     command += ["--buckets"] if args.buckets else []
-    env = {k: v for k, v in os.environ.items() if k not in ("GAML_JAX_MALLOC_DEFAULTS", "GLIBC_TUNABLES")}
+    env = {k: v for k, v in os.environ.items() if k not in (DEFAULTS_VARIABLE, "GLIBC_TUNABLES")}
     result = subprocess.run(command, capture_output=True, text=True, env={**env, **FORMS[form]})
     if result.returncode:
         sys.exit(f"{form} {method} failed:\n{result.stderr[-3000:]}")

@@ -20,7 +20,7 @@ import numpy as np
 from gaml_jax import names
 from gaml_jax.criteria import DEFAULT_REGRESSION_TOLERANCE, check_criterion
 from gaml_jax.model import MultiExitBert
-from gaml_jax.runtime import serving_compiler_options
+from gaml_jax.runtime import serving_jit
 
 PyTree = Any
 
@@ -150,11 +150,9 @@ class EarlyExitRunner:
         run)``: early exit as one jitted device program (``early_exit_program``) on these weights."""
         key = (criterion, float(tolerance))
         if key not in self._programs:
-            # With XLA:CPU's serving options (runtime.CPU_SERVING_OPTIONS), rounding as declared.
-            options = (serving_compiler_options() or {}) | self._rounding
-            program = jax.jit(
+            program = serving_jit(  # with XLA:CPU's serving options, rounding as declared
                 early_exit_program(self.model, criterion, self._program_treedef, tolerance=tolerance),
-                compiler_options=options or None,
+                compiler_options=self._rounding,
             )
             self._programs[key] = functools.partial(program, self._program_leaves)
         return self._programs[key]

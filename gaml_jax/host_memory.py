@@ -55,7 +55,7 @@ def keep_host_memory() -> str:
     """
     if os.environ.get(DEFAULTS_VARIABLE, "0") not in ("", "0"):
         return f"{DEFAULTS_VARIABLE}=1"
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not on_glibc():
         return "not glibc"
     if _accelerator_expected():
         return "accelerator"
@@ -65,6 +65,11 @@ def keep_host_memory() -> str:
     if not all(libc.mallopt(parameter, value) for parameter, value in SETTINGS):
         return "mallopt refused"
     return "kept"
+
+
+def on_glibc() -> bool:
+    """Whether this process runs on Linux's glibc, whose ``mallopt`` :func:`keep_host_memory` calls."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def _accelerator_expected() -> bool:

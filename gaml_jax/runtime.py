@@ -66,9 +66,10 @@ def serving_compiler_options() -> dict[str, str] | None:
     return cpu_compiler_options(CPU_SERVING_OPTIONS)
 
 
-def serving_jit(fn, **kwargs):
-    """``jax.jit(fn, **kwargs)`` compiled with ``serving_compiler_options()``."""
-    return jax.jit(fn, compiler_options=serving_compiler_options(), **kwargs)
+def serving_jit(fn, compiler_options: dict | None = None, **kwargs):
+    """``jax.jit(fn, **kwargs)`` compiled with ``serving_compiler_options()`` and ``compiler_options``."""
+    options = (serving_compiler_options() or {}) | (compiler_options or {})
+    return jax.jit(fn, compiler_options=options or None, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -12,9 +11,7 @@ import pytest
 from gaml_jax import host_memory
 from tests import tiny
 
-pytestmark = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator only"
-)
+pytestmark = pytest.mark.skipif(not host_memory.on_glibc(), reason="glibc's allocator only")
 
 # A train step in miniature: x -> x' (donated), with temporaries of 256 MB (as a train step's are,
 # which glibc mmaps afresh on every call); prints the minor page faults of each of 40 calls.
@@ -55,28 +52,30 @@ def _probe(mode: str, **env: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _faulting(probe: dict) -> int:
+    """How many of the probe's calls faulted in at least half of their temporaries' pages anew."""
+    pages = probe["temp"] / os.sysconf("SC_PAGE_SIZE")
+    return sum(f >= 0.5 * pages for f in probe["faults"])
+
+
 def test_kept_memory_takes_no_page_faults_where_glibc_takes_one_per_page():
-    page = os.sysconf("SC_PAGE_SIZE")
     default = _probe("default")
     kept = _probe("keep")
     assert kept["status"] == "kept"
-    pages = default["temp"] / page
     assert default["temp"] >= 200 * 2**20, default  # big enough for glibc to mmap it
-    faulting = lambda probe: sum(f >= 0.5 * pages for f in probe["faults"])  # calls that fault anew
     # glibc's defaults: every call faults its temporaries in anew.
-    assert faulting(default) >= 0.9 * len(default["faults"]), default["faults"]
+    assert _faulting(default) >= 0.9 * len(default["faults"]), default["faults"]
     # Kept: a call reuses the pages of the calls before. The heap settles over the first calls (up
     # to ~10 seen, and a late one now and then): a call still grows it when small allocations have
-    # taken part of a freed block. Seen: 1-9 of 40 calls faulting.
-    assert faulting(kept) <= 0.5 * len(kept["faults"]), kept["faults"]
+    # taken part of a freed block. Seen: 1-5 of 40 calls faulting, over five runs.
+    assert _faulting(kept) <= 0.5 * len(kept["faults"]), kept["faults"]
     assert kept["out"] == default["out"]  # the same numbers, to the bit
 
 
 def test_the_defaults_variable_turns_it_off():
     probe = _probe("keep", **{host_memory.DEFAULTS_VARIABLE: "1"})
     assert probe["status"] == f"{host_memory.DEFAULTS_VARIABLE}=1"
-    pages = probe["temp"] / os.sysconf("SC_PAGE_SIZE")
-    assert sum(f >= 0.5 * pages for f in probe["faults"]) >= 0.9 * len(probe["faults"]), probe["faults"]
+    assert _faulting(probe) >= 0.9 * len(probe["faults"]), probe["faults"]
 
 
 def test_nothing_is_done_for_an_accelerator_or_once_jax_has_started(monkeypatch):
