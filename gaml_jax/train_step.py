@@ -339,9 +339,12 @@ def train_step(
 
 
 def _global_norm(tree: PyTree) -> jax.Array:
-    """The float32 L2 norm of all leaves as one vector (one reduction, not one per tensor)."""
-    flat = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)])
-    return jnp.sqrt(jnp.sum(jnp.square(flat)))
+    """The float32 L2 norm of all leaves: each leaf's sum of squares, added.
+
+    Not the norm of the leaves concatenated into one vector: XLA then writes that copy of the whole
+    tree (every parameter or gradient, twice per step for the two metrics) before reading it again.
+    Same-shaped leaves share one compiled reduction."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def _grad_ce_only(forward: Callable, params: PyTree):
