@@ -123,6 +123,10 @@ VARIANTS = {
         "kernel gradients as XLA forms them, contracting the tokens (model.TRANSPOSED_WEIGHT_GRADIENTS off)",
         {"transposed_weight_gradients": False},
     ),
+    "upcast-bf16": (
+        "bfloat16 products as XLA forms them, inputs converted to float32 (model.NATIVE_BF16_PRODUCTS off)",
+        {"native_bf16_products": False},
+    ),
     "f32-stream": (
         "the residual stream in float32 (model.float32_residual)",
         {"model_options": {"float32_residual": True}},
@@ -159,6 +163,7 @@ def jax_step(
     grad_mode: str = "vjp",
     model_options: dict | None = None,
     transposed_weight_gradients: bool | None = None,
+    native_bf16_products: bool | None = None,
 ) -> Callable[[], None]:
     """``run()`` does one compiled update on ``batch`` (on the device), waits for it and returns its
     metrics. By default the trainer's step; the keyword arguments make its what-if forms
@@ -177,7 +182,10 @@ def jax_step(
 
     def run():
         # The model reads the switch while the step is traced, at the first call.
-        with _switched(model_lib, "TRANSPOSED_WEIGHT_GRADIENTS", transposed_weight_gradients):
+        with (
+            _switched(model_lib, "TRANSPOSED_WEIGHT_GRADIENTS", transposed_weight_gradients),
+            _switched(model_lib, "NATIVE_BF16_PRODUCTS", native_bf16_products),
+        ):
             holder["state"], metrics = step(holder["state"], batch, rng)
         return jax.block_until_ready(metrics)
 

@@ -89,27 +89,124 @@ def _dense_dot_jvp(primals, tangents):
 _dense_dot.defjvp(_dense_dot_jvp, symbolic_zeros=True)
 
 
-def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """``nn.Dense``'s product: :func:`_dense_dot` for a widening Dense on the CPU (where
-    ``TRANSPOSED_WEIGHT_GRADIENTS`` is on), else ``lax.dot_general`` as Flax calls it.
+# On a CPU with bfloat16 matrix instructions (x86's AVX512_BF16 or AMX-BF16), a Dense under bfloat16
+# compute multiplies its 16-bit inputs into a float32 output with YNNPACK's bfloat16 kernels
+# (_dense_dot_bf16); its output stays float32 up to the next product's input. XLA:CPU hands a
+# bfloat16 product to YNNPACK only when it yields float32 (a bfloat16 output makes it convert both
+# inputs to float32 and multiply those), so without this a bfloat16 step ran slower than a float32
+# one. Measured side by side (bench/bench_vs_torch.py --dtype bfloat16 --variants upcast-bf16;
+# docs/performance.md). False: XLA's own form. Read when a function is traced.
+NATIVE_BF16_PRODUCTS = True
+# /proc/cpuinfo flags of the x86 instructions YNNPACK's bfloat16 kernels run on.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# Narrower products (an exit's classifier) keep XLA's form: XLA rewrites their transposes into
+# products YNNPACK does not take, which then cannot run in bfloat16 ("Unsupported element type for
+# DotThunk::Execute: BF16 x BF16 = F32", seen for a 2-label classifier's kernel gradient).
+_NATIVE_BF16_MIN_WIDTH = 64
 
-    Only widening ones (input width <= output width): for a narrowing one (the feed-forward's
-    output, intermediate -> hidden) the copy to transpose is the wide input, which costs about
-    what the faster product saves. Off the CPU, GPU and TPU libraries take either layout at
-    full speed.
+
+def cpu_has_bf16_products(cpuinfo: str | None = None) -> bool:
+    """True if this machine's CPU lists one of ``BF16_CPU_FLAGS`` (read from ``/proc/cpuinfo``
+    unless its text is given); False where it cannot be read (not Linux, not x86)."""
+    if cpuinfo is None:
+        cpuinfo = _cpuinfo()
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+@functools.cache
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _transposed(a: Array) -> Array:
+    """``a.T`` for a 2-D bfloat16 ``a``, computed as the product ``eye @ a.T`` into float32.
+
+    Exact (each sum has one nonzero term), and a product: XLA folds a plain transpose into the
+    product that reads it, which then contracts over its operands' leading axis, a form YNNPACK
+    does not take (XLA converts it to float32 and multiplies with Eigen). A non-finite entry makes
+    its whole column NaN (``0 * inf``), where the gradient is not finite anyway.
+    """
+    return _into_float32(jnp.eye(a.shape[1], dtype=a.dtype), a, (1, 1)).astype(a.dtype)
+
+
+def _into_float32(a: Array, b: Array, contracting: tuple[int, int]) -> Array:
+    """The product of 2-D ``a`` and ``b`` over axes ``contracting``, in float32 whatever their type."""
+    return jax.lax.dot_general(
+        a, b, (((contracting[0],), (contracting[1],)), ((), ())), preferred_element_type=jnp.float32
+    )
+
+
+@jax.custom_vjp
+def _dense_dot_bf16(x: Array, kernel: Array) -> Array:
+    """``x @ kernel`` over ``x``'s last axis: bfloat16 inputs, a float32 output (YNNPACK's form).
+
+    Its gradient (:func:`_dense_dot_bf16_bwd`) is three such products: the cotangent is rounded to
+    bfloat16, as a bfloat16 product's cotangent is, and the gradients to bfloat16, the inputs' type.
+    """
+    rows = _into_float32(x.reshape(-1, x.shape[-1]), kernel, (1, 0))
+    return rows.reshape(x.shape[:-1] + kernel.shape[1:])
+
+
+def _dense_dot_bf16_fwd(x: Array, kernel: Array):
+    return _dense_dot_bf16(x, kernel), (x, kernel)
+
+
+def _dense_dot_bf16_bwd(residuals, cotangent: Array):
+    x, kernel = residuals
+    width_in, width_out = kernel.shape
+    rows = x.reshape(-1, width_in)
+    ct = cotangent.reshape(-1, width_out).astype(x.dtype)
+    dx = _into_float32(ct, kernel, (1, 1)).astype(x.dtype).reshape(x.shape)
+    # kernel' = rows.T @ ct, with the narrower of the two transposed (by a product, see _transposed).
+    if width_in <= width_out:
+        dkernel = _into_float32(_transposed(rows), ct, (1, 0)).astype(kernel.dtype)
+    else:
+        dkernel = _into_float32(_transposed(ct), rows, (1, 0)).astype(kernel.dtype).T
+    return dx, dkernel
+
+
+_dense_dot_bf16.defvjp(_dense_dot_bf16_fwd, _dense_dot_bf16_bwd)
+
+
+def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """``nn.Dense``'s product: :func:`_dense_dot_bf16` for a bfloat16 Dense on a CPU with bfloat16
+    products (``NATIVE_BF16_PRODUCTS``), :func:`_dense_dot` for a widening float32 Dense on the CPU
+    (``TRANSPOSED_WEIGHT_GRADIENTS``), else ``lax.dot_general`` as Flax calls it.
+
+    ``_dense_dot`` only for widening ones (input width <= output width): for a narrowing one (the
+    feed-forward's output, intermediate -> hidden) the copy to transpose is the wide input, which
+    costs about what the faster product saves. Off the CPU, GPU and TPU libraries take either
+    layout at full speed, and multiply 16-bit inputs natively whatever the output's type.
     """
     (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
-    if (
-        TRANSPOSED_WEIGHT_GRADIENTS
-        and jax.default_backend() == "cpu"
-        and tuple(lhs_contract) == (lhs.ndim - 1,)
+    plain = (
+        tuple(lhs_contract) == (lhs.ndim - 1,)
         and tuple(rhs_contract) == (0,)
         and not lhs_batch
         and rhs.ndim == 2
-        and lhs.shape[-1] <= rhs.shape[-1]
         and precision is None
         and preferred_element_type is None
+    )
+    if (
+        plain
+        and NATIVE_BF16_PRODUCTS
+        and lhs.dtype == rhs.dtype == jnp.bfloat16
+        and min(rhs.shape) >= _NATIVE_BF16_MIN_WIDTH
+        and jax.default_backend() == "cpu"
+        and cpu_has_bf16_products()
     ):
+        return _dense_dot_bf16(lhs, rhs)
+    widening = lhs.shape[-1] <= rhs.shape[-1]
+    if plain and widening and TRANSPOSED_WEIGHT_GRADIENTS and jax.default_backend() == "cpu":
         return _dense_dot(lhs, rhs)
     return jax.lax.dot_general(
         lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type

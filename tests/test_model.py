@@ -598,6 +598,117 @@ def test_dense_product_and_its_derivatives_match_numpy(widths):
     assert jax.jit(dot)(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
+def _bf16(a) -> np.ndarray:
+    """``a`` rounded to bfloat16, as float64."""
+    return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), np.float64)
+
+
+@pytest.mark.parametrize("widths", [(64, 128), (128, 64)], ids=["widening", "narrowing"])
+def test_bfloat16_dense_with_bf16_products_multiplies_into_float32(monkeypatch, widths):
+    """On a CPU with bfloat16 products a bfloat16 Dense multiplies its 16-bit inputs into float32
+    (``model._dense_dot_bf16``, YNNPACK's form) and keeps that output; its gradients are the
+    products of the bfloat16-rounded cotangent, rounded to bfloat16. Against numpy in float64.
+    (Forced on here: on a CPU without them XLA converts the inputs, and the numbers are the same.)"""
+    from gaml_jax import model as model_lib
+
+    monkeypatch.setattr(model_lib, "cpu_has_bf16_products", lambda: True)
+    rng = np.random.default_rng(5)
+    d_in, d_out = widths
+    x = jnp.asarray(rng.normal(size=(3, 11, d_in)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.normal(size=(d_in, d_out)) / np.sqrt(d_in), jnp.bfloat16)
+    cot = rng.normal(size=(3, 11, d_out)).astype(np.float32)
+
+    def dot(x, kernel):
+        return model_lib._dense_dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+    y, pull_back = jax.vjp(jax.jit(dot), x, kernel)
+    gx, gk = pull_back(jnp.asarray(cot))
+    assert (y.dtype, gx.dtype, gk.dtype) == (jnp.float32, jnp.bfloat16, jnp.bfloat16)
+    rows, ct = np.asarray(x, np.float64).reshape(-1, d_in), _bf16(cot).reshape(-1, d_out)
+    k64 = np.asarray(kernel, np.float64)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, d_out), rows @ k64, rtol=1e-5, atol=1e-5)
+    for ours, exact in ((gx, ct @ k64.T), (gk, rows.T @ ct)):
+        ours = np.asarray(ours, np.float64).reshape(exact.shape)
+        # One bfloat16 rounding of the float32 sum: half a unit in the 8th bit, relative.
+        np.testing.assert_allclose(ours, exact, rtol=2**-8, atol=1e-6 * np.abs(exact).max())
+    # Switched off, or a narrow product (an exit's 2 labels), XLA's form: a bfloat16 output.
+    # (Eagerly: the switch is read when a function is traced, and jit keeps its first trace.)
+    monkeypatch.setattr(model_lib, "NATIVE_BF16_PRODUCTS", False)
+    assert dot(x, kernel).dtype == jnp.bfloat16
+    monkeypatch.setattr(model_lib, "NATIVE_BF16_PRODUCTS", True)
+    assert dot(x, kernel[:, :2]).dtype == jnp.bfloat16
+
+
+def _equations(jaxpr):
+    """Every equation of ``jaxpr``, those of the jaxprs it nests included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+def test_cpu_has_bf16_products_reads_the_cpu_flags():
+    from gaml_jax.model import cpu_has_bf16_products
+
+    line = "flags\t\t: fpu sse2 avx2 avx512f"
+    assert not cpu_has_bf16_products(f"processor\t: 0\n{line}\n")
+    assert cpu_has_bf16_products(f"processor\t: 0\n{line} avx512_bf16\n")
+    assert cpu_has_bf16_products(f"{line} amx_tile amx_bf16\n")
+    assert not cpu_has_bf16_products("")  # not Linux, or no /proc/cpuinfo
+    assert not cpu_has_bf16_products("model name\t: avx512_bf16 in a name\n")  # only the flags line
+
+
+def test_bfloat16_model_gradients_with_bf16_products_stay_near_float32(tiny, monkeypatch):
+    """The whole multi-exit model's gradient under bfloat16 compute with the CPU's bfloat16
+    products (forced on; the path this CPU takes in training when it has them) compiles, runs, and
+    stays as near the float32 gradient as XLA's own bfloat16 form does. Every Dense of the encoder
+    then emits its products with bfloat16 inputs and float32 outputs (the jaxpr, whatever the CPU)."""
+    from gaml_jax import model as model_lib
+
+    monkeypatch.setattr(model_lib, "cpu_has_bf16_products", lambda: True)
+    batch = tiny.batch
+
+    def gradient(dtype: str, native: bool):
+        monkeypatch.setattr(model_lib, "NATIVE_BF16_PRODUCTS", native)
+        model, params = load_pretrained(tiny.folder, dtype=dtype)
+
+        def loss(params):
+            out = model.apply(
+                {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+            )
+            return jnp.sum(out.logits.astype(jnp.float32) ** 2)
+
+        grad = jax.grad(loss)
+        return jax.jit(grad)(params), jax.make_jaxpr(grad)(params), model
+
+    exact, _, _ = gradient("float32", True)
+    errors = {}
+    for native in (True, False):
+        grads, jaxpr, model = gradient("bfloat16", native)
+        diff = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), grads, exact)
+        norm = jnp.sqrt(sum(jnp.sum(b**2) for b in jax.tree.leaves(exact)))
+        errors[native] = float(jnp.sqrt(sum(jax.tree.leaves(diff))) / norm)
+        into_f32 = [
+            e
+            for e in _equations(jaxpr.jaxpr)
+            if e.primitive.name == "dot_general"
+            and {v.aval.dtype for v in e.invars} == {jnp.dtype(jnp.bfloat16)}
+            and e.outvars[0].aval.dtype == jnp.float32
+            and e.outvars[0].aval.ndim == 2  # not the attention's (XLA's attention has its own)
+        ]
+        # Forward, input and kernel gradients, and a transposition per kernel gradient: 4 per use
+        # of a Dense at least 64 wide (every layer's 6; a pooler per exit; not the classifiers).
+        cfg = model.config
+        uses = 6 * cfg.num_hidden_layers + (cfg.num_exits if cfg.exit_pooler_dense else 0)
+        assert len(into_f32) == (4 * uses if native else 0), (len(into_f32), uses)
+    print(f"\nbfloat16 gradient's relative error against float32: {errors}")
+    assert errors[True] < 1.5 * errors[False] + 1e-3, errors
+    assert errors[True] < BF16_REL_TOL, errors
+
+
 @pytest.mark.parametrize("transposed", [True, False], ids=["default", "off"])
 def test_widening_dense_kernel_gradients_contract_a_transposed_input(tiny, monkeypatch, transposed):
     """XLA:CPU gives YNNPACK only products whose left operand contracts its last axis; JAX's rule
