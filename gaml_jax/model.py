@@ -89,7 +89,7 @@ def _dense_dot_jvp(primals, tangents):
 _dense_dot.defjvp(_dense_dot_jvp, symbolic_zeros=True)
 
 
-# On a CPU with bfloat16 matrix instructions (x86's AVX512_BF16 or AMX-BF16), a Dense under bfloat16
+# On a CPU with bfloat16 matrix instructions (x86's AMX or AVX512_BF16), a Dense under bfloat16
 # compute multiplies its 16-bit inputs into a float32 output with YNNPACK's bfloat16 kernels
 # (_dense_dot_bf16); its output stays float32 up to the next product's input. XLA:CPU hands a
 # bfloat16 product to YNNPACK only when it yields float32 (a bfloat16 output makes it convert both
@@ -97,34 +97,23 @@ _dense_dot.defjvp(_dense_dot_jvp, symbolic_zeros=True)
 # one. Measured side by side (bench/bench_vs_torch.py --dtype bfloat16 --variants upcast-bf16;
 # docs/performance.md). False: XLA's own form. Read when a function is traced.
 NATIVE_BF16_PRODUCTS = True
-# /proc/cpuinfo flags of the x86 instructions YNNPACK's bfloat16 kernels run on.
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # Narrower products (an exit's classifier) keep XLA's form: XLA rewrites their transposes into
 # products YNNPACK does not take, which then cannot run in bfloat16 ("Unsupported element type for
 # DotThunk::Execute: BF16 x BF16 = F32", seen for a 2-label classifier's kernel gradient).
 _NATIVE_BF16_MIN_WIDTH = 64
 
 
-def cpu_has_bf16_products(cpuinfo: str | None = None) -> bool:
-    """True if this machine's CPU lists one of ``BF16_CPU_FLAGS`` (read from ``/proc/cpuinfo``
-    unless its text is given); False where it cannot be read (not Linux, not x86)."""
-    if cpuinfo is None:
-        cpuinfo = _cpuinfo()
-    flags = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags.update(value.split())
-    return any(flag in flags for flag in BF16_CPU_FLAGS)
-
-
 @functools.cache
-def _cpuinfo() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
+def cpu_has_bf16_products() -> bool:
+    """True if XLA:CPU multiplies bfloat16 matrices into float32 without converting them first.
+
+    Asked of XLA itself, once per process: it compiles a small such product for the CPU and looks
+    for a conversion in the program. XLA decides from the CPU's features (YNNPACK's bfloat16
+    kernels); a CPU without them gets the conversions, and this path would only add work there.
+    """
+    operand = jax.ShapeDtypeStruct((128, 128), jnp.bfloat16)
+    product = jax.jit(lambda a, b: _into_float32(a, b, (1, 0)))  # called where the CPU is the backend
+    return "convert" not in product.lower(operand, operand).compile().as_text()
 
 
 def _transposed(a: Array) -> Array:

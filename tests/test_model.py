@@ -650,15 +650,19 @@ def _equations(jaxpr):
                     yield from _equations(inner)
 
 
-def test_cpu_has_bf16_products_reads_the_cpu_flags():
-    from gaml_jax.model import cpu_has_bf16_products
+def test_a_wide_bfloat16_dense_on_this_cpu_takes_the_form_xla_runs_natively():
+    """``cpu_has_bf16_products`` asks XLA; a wide bfloat16 Dense follows its answer. Where yes (a
+    CPU with AMX or AVX512_BF16), the Dense's compiled product converts nothing and yields float32;
+    where no, the Dense keeps XLA's form (a bfloat16 output), adding no work there."""
+    from gaml_jax import model as model_lib
 
-    line = "flags\t\t: fpu sse2 avx2 avx512f"
-    assert not cpu_has_bf16_products(f"processor\t: 0\n{line}\n")
-    assert cpu_has_bf16_products(f"processor\t: 0\n{line} avx512_bf16\n")
-    assert cpu_has_bf16_products(f"{line} amx_tile amx_bf16\n")
-    assert not cpu_has_bf16_products("")  # not Linux, or no /proc/cpuinfo
-    assert not cpu_has_bf16_products("model name\t: avx512_bf16 in a name\n")  # only the flags line
+    x, kernel = jnp.ones((4, 32, 64), jnp.bfloat16), jnp.ones((64, 128), jnp.bfloat16)
+    dense = jax.jit(lambda x, k: model_lib._dense_dot_general(x, k, (((2,), (0,)), ((), ()))))
+    native = model_lib.cpu_has_bf16_products()
+    print(f"\nXLA multiplies bfloat16 natively on this CPU: {native}")
+    assert dense(x, kernel).dtype == (jnp.float32 if native else jnp.bfloat16)
+    if native:
+        assert "convert" not in dense.lower(x, kernel).compile().as_text()
 
 
 def test_bfloat16_model_gradients_with_bf16_products_stay_near_float32(tiny, monkeypatch):
