@@ -26,9 +26,11 @@ SEQ = 12
 # ---------------------------------------------------------------------------- the real runner
 
 
-def tiny_model(num_labels, exit_layers=None, seed=0, num_hidden_layers=3, shared_pooler=True, **pooling):
+def tiny_model(
+    num_labels, exit_layers=None, seed=0, num_hidden_layers=3, shared_pooler=True, widths=None, **pooling
+):
     cfg = ModelConfig(
-        **{**TINY, "num_hidden_layers": num_hidden_layers},
+        **{**TINY, "num_hidden_layers": num_hidden_layers, **(widths or {})},
         num_labels=num_labels,
         exit_layers=exit_layers,
         shared_pooler=shared_pooler,
@@ -85,8 +87,20 @@ def bfloat16_float32_stream():
     return model, EarlyExitRunner(model, params, batch_buckets=(1, 2, 4, 8))
 
 
+@pytest.fixture(scope="module")
+def bfloat16_wide():
+    """bfloat16 compute at widths 64 and 128: on a CPU where XLA multiplies bfloat16 natively, every
+    Dense but the classifiers takes model._dense_dot_bf16 (float32 outputs), in the runner's
+    per-layer programs as in the whole model's."""
+    model, params = tiny_model(num_labels=3, seed=2, widths={"hidden_size": 64, "intermediate_size": 128})
+    model = MultiExitBert(model.config.replace(dtype="bfloat16"))
+    return model, EarlyExitRunner(model, params, batch_buckets=(1, 2, 4, 8))
+
+
 @pytest.mark.parametrize("criterion,target", [("entropy", 1.4), ("confidence", 1.4), ("patience", 1.1)])
-@pytest.mark.parametrize("runner_fixture", ["classifier", "mean_classifier", "bfloat16_float32_stream"])
+@pytest.mark.parametrize(
+    "runner_fixture", ["classifier", "mean_classifier", "bfloat16_float32_stream", "bfloat16_wide"]
+)
 def test_runner_matches_full_model_at_each_exit(request, runner_fixture, criterion, target):
     model, runner = request.getfixturevalue(runner_fixture)
     cfg = model.config
