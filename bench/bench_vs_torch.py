@@ -18,6 +18,7 @@ does (one per core this process may run on).
     python bench/bench_vs_torch.py --cores 1          # both on one core (steadier on a busy machine)
     python bench/bench_vs_torch.py --shape bert-base --seq 128 --dtype bfloat16   # on a GPU: + MFU
     python bench/bench_vs_torch.py --variants rbg,tree   # + what-if forms of our CE step, same run
+    python bench/bench_vs_torch.py --dtype bfloat16 --torch-dtype float32   # ours in bf16, PyTorch's float32
 
 On a GPU both sides run there: ours under bfloat16 compute with float32 parameters
 (``--dtype bfloat16``), PyTorch under ``torch.autocast(bfloat16)`` with float32 parameters and
@@ -399,6 +400,11 @@ def main() -> None:
     parser.add_argument(
         "--gaml-variants", action="store_true", help="Race the variants of the GAML step too."
     )
+    parser.add_argument(
+        "--torch-dtype",
+        choices=["float32", "bfloat16"],
+        help="PyTorch's compute dtype, if not --dtype: ours in bfloat16 against its float32 step, say.",
+    )
     args = parser.parse_args()
     batch_size = args.batch or (8 if args.quick else 32)
     seq = args.seq or (32 if args.quick else 64)
@@ -414,12 +420,12 @@ def main() -> None:
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    side = TorchSide(args.dtype)
+    side = TorchSide(args.torch_dtype or args.dtype)
     config = ModelConfig(**SHAPES[args.shape], dtype=args.dtype)
     print(
         f"{args.shape}: {config.num_hidden_layers} layers x {config.hidden_size}, "
         f"{config.num_attention_heads} heads, intermediate {config.intermediate_size}, "
-        f"vocab {config.vocab_size}; compute {args.dtype}; "
+        f"vocab {config.vocab_size}; compute {args.dtype} (PyTorch {side.dtype}); "
         f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"torch {torch.__version__} on {side.device} with {torch.get_num_threads()} threads; "
         f"{threads} cores; host memory {host_memory} (gaml_jax.host_memory); "

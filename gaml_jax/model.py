@@ -140,6 +140,8 @@ def _dense_dot_bf16(x: Array, kernel: Array) -> Array:
 
     Its gradient (:func:`_dense_dot_bf16_bwd`) is three such products: the cotangent is rounded to
     bfloat16, as a bfloat16 product's cotangent is, and the gradients to bfloat16, the inputs' type.
+    Reverse mode only (a custom VJP): forward mode through a bfloat16 model on such a CPU needs
+    ``NATIVE_BF16_PRODUCTS = False``.
     """
     rows = _into_float32(x.reshape(-1, x.shape[-1]), kernel, (1, 0))
     return rows.reshape(x.shape[:-1] + kernel.shape[1:])

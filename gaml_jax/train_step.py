@@ -342,8 +342,9 @@ def _global_norm(tree: PyTree) -> jax.Array:
     """The float32 L2 norm of all leaves: each leaf's sum of squares, added.
 
     Not the norm of the leaves concatenated into one vector: XLA then writes that copy of the whole
-    tree (every parameter or gradient, twice per step for the two metrics) before reading it again.
-    Same-shaped leaves share one compiled reduction."""
+    tree (every parameter or gradient, twice per step for the two metrics) before reading it again
+    (35 ms of a 1.3 s one-core MiniLM step). The price: a reduction per leaf, 20% more operations
+    in the compiled step (its compile 0-0.7 s longer; docs/performance.md)."""
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
