@@ -179,6 +179,7 @@ def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
     layout at full speed, and multiply 16-bit inputs natively whatever the output's type.
     """
     (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
+    on_cpu = jax.default_backend() == "cpu"
     plain = (
         tuple(lhs_contract) == (lhs.ndim - 1,)
         and tuple(rhs_contract) == (0,)
@@ -192,12 +193,12 @@ def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
         and NATIVE_BF16_PRODUCTS
         and lhs.dtype == rhs.dtype == jnp.bfloat16
         and min(rhs.shape) >= _NATIVE_BF16_MIN_WIDTH
-        and jax.default_backend() == "cpu"
+        and on_cpu
         and cpu_has_bf16_products()
     ):
         return _dense_dot_bf16(lhs, rhs)
     widening = lhs.shape[-1] <= rhs.shape[-1]
-    if plain and widening and TRANSPOSED_WEIGHT_GRADIENTS and jax.default_backend() == "cpu":
+    if plain and widening and TRANSPOSED_WEIGHT_GRADIENTS and on_cpu:
         return _dense_dot(lhs, rhs)
     return jax.lax.dot_general(
         lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
