@@ -4,7 +4,8 @@ The allocator is a setting of the whole process, so each form runs in a process 
 (``--child``), the forms alternating over rounds (each round in the reverse order of the one
 before). Each process compiles our train step (random weights, ``bench_vs_torch``'s batch), runs a
 warm-up step, then times ``--steps`` steps and prints medians of the wall clock and CPU time per
-step, the minor page faults per step and the process's peak resident memory:
+step, the minor page faults per step, the process's peak resident memory and the seconds its
+first call took (``1st s``: compiling each length and one step each):
 
 - ``defaults``: glibc's defaults (``GAML_JAX_MALLOC_DEFAULTS=1``): every step's temporaries are a
   fresh ``mmap``, faulted in page by page;
@@ -15,9 +16,16 @@ step, the minor page faults per step and the process's peak resident memory:
 ``--buckets`` cycles the batch through the demo's three padded lengths (32, 48, 64), as training
 does, which shows how far the kept heap grows before it settles.
 
+``--train`` runs the whole of ``train.py`` (the default config, a new workdir each time) under each
+form instead and prints its wall clock, user and system CPU seconds and peak resident memory
+(``--train-steps N`` shortens it to N steps). The step alone can mislead: huge pages timed as fast
+as kept memory here, yet the whole demo ran 1.13x as long under them, with 8-10 times the system time
+(docs/performance.md, eleventh session).
+
     python bench/bench_host_memory.py                          # MiniLM, CE and GAML, 32 x 64
     python bench/bench_host_memory.py --shape bert-base --methods gaml --steps 4
     python bench/bench_host_memory.py --buckets --steps 100 --methods ce --rounds 1
+    python bench/bench_host_memory.py --train --forms kept,huge-pages   # the whole demo's training
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,9 +82,11 @@ def child(args: argparse.Namespace) -> None:
     )
     lengths = BUCKETS if args.buckets else (args.seq,)
     batches = [jax.device_put(make_batch(args.batch, n, config.vocab_size, seed=n)) for n in lengths]
+    start = time.perf_counter()
     for batch in batches:  # compiles each length, and warms up
         state, metrics = step(state, batch, rng)
         jax.block_until_ready(metrics)
+    first = time.perf_counter() - start
     wall, cpu, faults = [], [], []
     for i in range(args.steps):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -90,6 +101,7 @@ def child(args: argparse.Namespace) -> None:
         json.dumps(
             {
                 "status": status,
+                "first": first,
                 "wall": statistics.median(wall),
                 "cpu": statistics.median(cpu),
                 "faults": statistics.median(faults),
@@ -112,6 +124,55 @@ def run_form(form: str, method: str, args: argparse.Namespace) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def run_train(form: str, args: argparse.Namespace) -> dict:
+    """The whole train.py under ``form``, in a new workdir: its wall clock and resource usage."""
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [sys.executable, str(REPO / "train.py"), "--workdir", workdir]
+        command += [f"--config.train.num_train_steps={args.train_steps}"] if args.train_steps else []
+        env = {k: v for k, v in os.environ.items() if k not in (DEFAULTS_VARIABLE, "GLIBC_TUNABLES")}
+        start = time.perf_counter()
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**env, **FORMS[form]}
+        )
+        output = process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own usage, peak memory included
+        wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"train.py under {form} failed:\n{output[-3000:]}")
+    dev = [line for line in output.replace("\r", "\n").splitlines() if "dev accuracy" in line]
+    return {
+        "wall": wall,
+        "user": usage.ru_utime,
+        "sys": usage.ru_stime,
+        "rss_gb": usage.ru_maxrss / 1e6,
+        "dev": dev[-1].strip() if dev else "",
+    }
+
+
+def bench_train(forms: list[str], args: argparse.Namespace) -> None:
+    runs: dict[str, list[dict]] = {form: [] for form in forms}
+    for r in range(args.rounds):
+        for form in forms if r % 2 == 0 else forms[::-1]:
+            result = run_train(form, args)
+            print(
+                f"  round {r + 1}, {form}: {result['wall']:.1f} s wall, {result['user']:.1f} s user, "
+                f"{result['sys']:.1f} s system, peak RSS {result['rss_gb']:.2f} GB",
+                flush=True,
+            )
+            runs[form].append(result)
+    print(f"\ntrain.py, {args.train_steps or 'the default'} steps, medians over {args.rounds} rounds")
+    print(f"  {'form':<12}{'wall s':>8}{'x defaults':>11}{'user s':>8}{'system s':>10}{'peak RSS GB':>13}")
+    base = runs.get("defaults")
+    for form, results in runs.items():
+        med = {key: statistics.median(x[key] for x in results) for key in ("wall", "user", "sys")}
+        print(
+            f"  {form:<12}{med['wall']:8.1f}{_times(base, 'wall', med['wall'] * 1e3):>11}{med['user']:8.1f}"
+            f"{med['sys']:10.1f}{max(x['rss_gb'] for x in results):13.2f}"
+        )
+    same = len({x["dev"] for results in runs.values() for x in results}) == 1
+    print(f"  the same last dev accuracies in every run: {same}")
+
+
 def _times(base: list[dict] | None, key: str, ms: float) -> str:
     """How many times faster than glibc's defaults ``ms`` is (their median over ``ms``)."""
     return f"{statistics.median(x[key] for x in base) * 1e3 / ms:.2f}x" if base else "n/a"
@@ -129,6 +190,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--buckets", action="store_true", help="Cycle lengths 32, 48, 64 as training does.")
+    parser.add_argument("--train", action="store_true", help="Time the whole train.py under each form.")
+    parser.add_argument("--train-steps", type=int, default=0, help="--train: steps (0: the default run).")
     parser.add_argument("--child", default=None, choices=sorted(FORMS), help=argparse.SUPPRESS)
     parser.add_argument("--child-method", default="ce", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -140,6 +203,9 @@ def main() -> None:
     unknown = [f for f in forms if f not in FORMS]
     if unknown:
         sys.exit(f"--forms: unknown {unknown}; choose from {list(FORMS)}.")
+    if args.train:
+        bench_train(forms, args)
+        return
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     print(
         f"{args.shape}, batch {args.batch} x seq {'32/48/64' if args.buckets else args.seq}, "
@@ -154,7 +220,7 @@ def main() -> None:
         print(f"\n{method} step")
         print(
             f"  {'form':<12}{'wall ms':>9}{'x defaults':>11}{'CPU ms':>9}{'x defaults':>11}"
-            f"{'faults/step':>13}{'2nd half':>10}{'peak RSS GB':>13}  status"
+            f"{'faults/step':>13}{'2nd half':>10}{'peak RSS GB':>13}{'1st s':>7}  status"
         )
         base = runs.get("defaults")
         for form, results in runs.items():
@@ -165,7 +231,8 @@ def main() -> None:
                 f"{cpu:9.0f}{_times(base, 'cpu', cpu):>11}"
                 f"{statistics.median(x['faults'] for x in results):13.0f}"
                 f"{statistics.median(x['faults_late'] for x in results):10.0f}"
-                f"{max(x['rss_gb'] for x in results):13.2f}  {results[0]['status']}"
+                f"{max(x['rss_gb'] for x in results):13.2f}"
+                f"{statistics.median(x['first'] for x in results):7.1f}  {results[0]['status']}"
             )
         losses = {form: {x["ce"] for x in results} for form, results in runs.items()}
         same = len(set.union(*losses.values())) == 1
