@@ -21,8 +21,11 @@ calls it; ``eval.py`` and ``predict.py``, mostly compiling, do not.
 It must run before JAX starts its CPU client: the client's worker threads pick their arena at
 their first ``malloc``. It does nothing off Linux's glibc, when JAX is headed for an accelerator
 (the device's memory is not ``malloc``'s), or when ``GAML_JAX_MALLOC_DEFAULTS=1`` is set (glibc's
-defaults; with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` set too, before the process starts,
-transparent huge pages win nearly as much at no cost in memory or compile time).
+defaults). With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` set too, before the process starts,
+transparent huge pages match kept memory's step in ``bench/bench_host_memory.py`` at no cost in
+memory or compile time, but the whole demo ran 1.13x as long under them: a fresh huge page is
+still zeroed, 150-195 ms of system time a step inside train.py (docs/performance.md, 2026-12-05,
+eleventh session), so train.py does not restart itself with them.
 """
 
 from __future__ import annotations
