@@ -134,7 +134,8 @@ def run_train(form: str, args: argparse.Namespace) -> dict:
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**env, **FORMS[form]}
         )
-        output = process.stdout.read()
+        with process.stdout:
+            output = process.stdout.read()
         _, status, usage = os.wait4(process.pid, 0)  # this child's own usage, peak memory included
         wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status):
