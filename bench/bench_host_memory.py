@@ -4,8 +4,9 @@ The allocator is a setting of the whole process, so each form runs in a process 
 (``--child``), the forms alternating over rounds (each round in the reverse order of the one
 before). Each process compiles our train step (random weights, ``bench_vs_torch``'s batch), runs a
 warm-up step, then times ``--steps`` steps and prints medians of the wall clock and CPU time per
-step, the minor page faults per step, the process's peak resident memory and the seconds its
-first call took (``1st s``: compiling each length and one step each):
+step (and the system time within the CPU time), the minor page faults per step, the process's peak
+resident memory and the seconds its first call took (``1st s``: compiling each length and one step
+each):
 
 - ``defaults``: glibc's defaults (``GAML_JAX_MALLOC_DEFAULTS=1``): every step's temporaries are a
   fresh ``mmap``, faulted in page by page;
@@ -87,15 +88,17 @@ def child(args: argparse.Namespace) -> None:
         state, metrics = step(state, batch, rng)
         jax.block_until_ready(metrics)
     first = time.perf_counter() - start
-    wall, cpu, faults = [], [], []
+    wall, cpu, system, faults = [], [], [], []
     for i in range(args.steps):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        before = resource.getrusage(resource.RUSAGE_SELF)
         start, start_cpu = time.perf_counter(), time.process_time()
         state, metrics = step(state, batches[i % len(batches)], rng)
         jax.block_until_ready(metrics)
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        system.append(after.ru_stime - before.ru_stime)
+        faults.append(after.ru_minflt - before.ru_minflt)
     late = faults[len(faults) // 2 :]
     print(
         json.dumps(
@@ -104,6 +107,7 @@ def child(args: argparse.Namespace) -> None:
                 "first": first,
                 "wall": statistics.median(wall),
                 "cpu": statistics.median(cpu),
+                "system": statistics.median(system),
                 "faults": statistics.median(faults),
                 "faults_late": statistics.median(late),
                 "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
@@ -220,7 +224,7 @@ def main() -> None:
                 runs[form].append(run_form(form, method, args))
         print(f"\n{method} step")
         print(
-            f"  {'form':<12}{'wall ms':>9}{'x defaults':>11}{'CPU ms':>9}{'x defaults':>11}"
+            f"  {'form':<12}{'wall ms':>9}{'x defaults':>11}{'CPU ms':>9}{'x defaults':>11}{'system':>8}"
             f"{'faults/step':>13}{'2nd half':>10}{'peak RSS GB':>13}{'1st s':>7}  status"
         )
         base = runs.get("defaults")
@@ -230,6 +234,7 @@ def main() -> None:
             print(
                 f"  {form:<12}{wall:9.0f}{_times(base, 'wall', wall):>11}"
                 f"{cpu:9.0f}{_times(base, 'cpu', cpu):>11}"
+                f"{statistics.median(x['system'] for x in results) * 1e3:8.0f}"
                 f"{statistics.median(x['faults'] for x in results):13.0f}"
                 f"{statistics.median(x['faults_late'] for x in results):10.0f}"
                 f"{max(x['rss_gb'] for x in results):13.2f}"
