@@ -117,12 +117,25 @@ def child(args: argparse.Namespace) -> None:
     )
 
 
+def _form_env(form: str) -> dict[str, str]:
+    """This process's environment with ``form``'s allocator settings in place of the caller's."""
+    env = {k: v for k, v in os.environ.items() if k not in (DEFAULTS_VARIABLE, "GLIBC_TUNABLES")}
+    return {**env, **FORMS[form]}
+
+
+def _rounds(forms: list[str], rounds: int) -> list[tuple[int, str]]:
+    """(round, form) in the order run: each round in the reverse order of the one before
+    (``bench_vs_torch.race_order``, imported here: the parent process needs no JAX before)."""
+    from bench.bench_vs_torch import race_order
+
+    return [(r, form) for r, order in enumerate(race_order(forms, rounds)) for form in order]
+
+
 def run_form(form: str, method: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--child", form, "--child-method", method, "--shape", args.shape]
     command += ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
     command += ["--buckets"] if args.buckets else []
-    env = {k: v for k, v in os.environ.items() if k not in (DEFAULTS_VARIABLE, "GLIBC_TUNABLES")}
-    result = subprocess.run(command, capture_output=True, text=True, env={**env, **FORMS[form]})
+    result = subprocess.run(command, capture_output=True, text=True, env=_form_env(form))
     if result.returncode:
         sys.exit(f"{form} {method} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -133,10 +146,9 @@ def run_train(form: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         command = [sys.executable, str(REPO / "train.py"), "--workdir", workdir]
         command += [f"--config.train.num_train_steps={args.train_steps}"] if args.train_steps else []
-        env = {k: v for k, v in os.environ.items() if k not in (DEFAULTS_VARIABLE, "GLIBC_TUNABLES")}
         start = time.perf_counter()
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**env, **FORMS[form]}
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_form_env(form)
         )
         with process.stdout:
             output = process.stdout.read()
@@ -156,15 +168,14 @@ def run_train(form: str, args: argparse.Namespace) -> dict:
 
 def bench_train(forms: list[str], args: argparse.Namespace) -> None:
     runs: dict[str, list[dict]] = {form: [] for form in forms}
-    for r in range(args.rounds):
-        for form in forms if r % 2 == 0 else forms[::-1]:
-            result = run_train(form, args)
-            print(
-                f"  round {r + 1}, {form}: {result['wall']:.1f} s wall, {result['user']:.1f} s user, "
-                f"{result['sys']:.1f} s system, peak RSS {result['rss_gb']:.2f} GB",
-                flush=True,
-            )
-            runs[form].append(result)
+    for r, form in _rounds(forms, args.rounds):
+        result = run_train(form, args)
+        print(
+            f"  round {r + 1}, {form}: {result['wall']:.1f} s wall, {result['user']:.1f} s user, "
+            f"{result['sys']:.1f} s system, peak RSS {result['rss_gb']:.2f} GB",
+            flush=True,
+        )
+        runs[form].append(result)
     print(f"\ntrain.py, {args.train_steps or 'the default'} steps, medians over {args.rounds} rounds")
     print(f"  {'form':<12}{'wall s':>8}{'x defaults':>11}{'user s':>8}{'system s':>10}{'peak RSS GB':>13}")
     base = runs.get("defaults")
@@ -219,9 +230,8 @@ def main() -> None:
     )
     for method in [m for m in args.methods.split(",") if m]:
         runs: dict[str, list[dict]] = {form: [] for form in forms}
-        for r in range(args.rounds):
-            for form in forms if r % 2 == 0 else forms[::-1]:
-                runs[form].append(run_form(form, method, args))
+        for _, form in _rounds(forms, args.rounds):
+            runs[form].append(run_form(form, method, args))
         print(f"\n{method} step")
         print(
             f"  {'form':<12}{'wall ms':>9}{'x defaults':>11}{'CPU ms':>9}{'x defaults':>11}{'system':>8}"
