@@ -128,6 +128,10 @@ VARIANTS = {
         "bfloat16 products as XLA forms them, inputs converted to float32 (model.NATIVE_BF16_PRODUCTS off)",
         {"native_bf16_products": False},
     ),
+    "all-rows-last": (
+        "the last exit's layer for every row, not [CLS] only (model.CLS_ONLY_LAST_LAYER off)",
+        {"cls_only_last_layer": False},
+    ),
     "f32-stream": (
         "the residual stream in float32 (model.float32_residual)",
         {"model_options": {"float32_residual": True}},
@@ -165,6 +169,7 @@ def jax_step(
     model_options: dict | None = None,
     transposed_weight_gradients: bool | None = None,
     native_bf16_products: bool | None = None,
+    cls_only_last_layer: bool | None = None,
 ) -> Callable[[], None]:
     """``run()`` does one compiled update on ``batch`` (on the device), waits for it and returns its
     metrics. By default the trainer's step; the keyword arguments make its what-if forms
@@ -186,6 +191,7 @@ def jax_step(
         with (
             _switched(model_lib, "TRANSPOSED_WEIGHT_GRADIENTS", transposed_weight_gradients),
             _switched(model_lib, "NATIVE_BF16_PRODUCTS", native_bf16_products),
+            _switched(model_lib, "CLS_ONLY_LAST_LAYER", cls_only_last_layer),
         ):
             holder["state"], metrics = step(holder["state"], batch, rng)
         return jax.block_until_ready(metrics)

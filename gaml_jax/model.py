@@ -227,6 +227,32 @@ def attention_bias(attention_mask: Array, dtype: jnp.dtype) -> Array:
     return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
+# When the exits read the [CLS] state and no caller asks for every layer's output, the last layer
+# that feeds an exit is computed for the [CLS] row only: its keys and values still come from every
+# token, but its query, attention output, feed-forward, dropout and LayerNorm from one row, which
+# is all the exit reads (the other rows' outputs have no consumer). The same numbers, the same
+# dropout masks (drawn as for the whole layer, then the [CLS] row taken), a sixth less work in a
+# 6-layer step. Measured side by side (bench/bench_vs_torch.py --variants all-rows-last;
+# docs/performance.md). False: every row, as HF computes it. Read when a function is traced.
+CLS_ONLY_LAST_LAYER = True
+
+
+def _dropout(rate: float, x: Array, deterministic: bool, full_shape: tuple[int, ...] | None = None) -> Array:
+    """``nn.Dropout(rate)(x)`` (called inside a compact module, named as it would be). With
+    ``full_shape``, ``x`` is the leading entries of a tensor of that shape (the [CLS] row of a
+    layer's output, say) and gets that tensor's mask at those entries: the mask is drawn for
+    ``full_shape``, as for the whole tensor, and sliced; XLA computes the sliced entries' bits only."""
+    if full_shape is None or tuple(full_shape) == x.shape:
+        return nn.Dropout(rate)(x, deterministic=deterministic)
+    if deterministic or rate == 0.0:
+        return x
+    scaled = nn.Dropout(rate)(jnp.ones(full_shape, x.dtype), deterministic=False)
+    if rate == 1.0:
+        return jnp.zeros_like(x)
+    keep = scaled[tuple(slice(0, n) for n in x.shape)] != 0
+    return jax.lax.select(keep, x / (1.0 - rate), jnp.zeros_like(x))  # nn.Dropout's own arithmetic
+
+
 @flax.struct.dataclass
 class MultiExitOutput:
     logits: Array  # [exits, batch, labels]
@@ -276,13 +302,18 @@ class BertSelfAttention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, hidden: Array, bias: Array, deterministic: bool) -> Array:
+    def __call__(self, hidden: Array, bias: Array, deterministic: bool, queries: int | None = None) -> Array:
+        """[batch, seq, hidden] -> [batch, queries, hidden]: the first ``queries`` rows' attention
+        over every key (``None``: every row's)."""
         cfg = self.config
         heads = cfg.num_attention_heads
         head_dim = cfg.hidden_size // heads
-        shape = hidden.shape[:2] + (heads, head_dim)  # [batch, seq, heads, head_dim]
-        q, k, v = (
-            _dense(cfg, cfg.hidden_size, name)(hidden).reshape(shape) for name in ("query", "key", "value")
+        batch, seq = hidden.shape[:2]
+        rows = seq if queries is None else queries
+        q = _dense(cfg, cfg.hidden_size, "query")(hidden[:, :rows]).reshape(batch, rows, heads, head_dim)
+        k, v = (
+            _dense(cfg, cfg.hidden_size, name)(hidden).reshape(batch, seq, heads, head_dim)
+            for name in ("key", "value")
         )
         rate = cfg.attention_probs_dropout_prob
         if deterministic or rate == 0.0:
@@ -291,9 +322,9 @@ class BertSelfAttention(nn.Module):
             scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype) + bias
             # Softmax in float32 even under bf16 compute: masked keys carry finfo.min.
             probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(cfg.compute_dtype)
-            probs = nn.Dropout(rate)(probs, deterministic=False)
+            probs = _dropout(rate, probs, False, (batch, heads, seq, seq))
             context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        return context.reshape(hidden.shape[:2] + (cfg.hidden_size,))
+        return context.reshape(batch, rows, cfg.hidden_size)
 
     @staticmethod
     def _fused(q: Array, k: Array, v: Array, bias: Array) -> Array:
@@ -303,9 +334,9 @@ class BertSelfAttention(nn.Module):
         spelled out over the query axis; shapes it refuses (it says so while tracing) go to XLA.
         """
         if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-            batch, seq = q.shape[:2]
+            batch, rows = q.shape[:2]
             try:
-                full_bias = jnp.broadcast_to(bias, (batch, 1, seq, bias.shape[-1]))
+                full_bias = jnp.broadcast_to(bias, (batch, 1, rows, bias.shape[-1]))
                 return jax.nn.dot_product_attention(q, k, v, bias=full_bias, implementation="cudnn")
             except (ValueError, NotImplementedError, RuntimeError):
                 pass
@@ -318,10 +349,14 @@ class BertAddNorm(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, residual: Array, deterministic: bool) -> Array:
+    def __call__(
+        self, x: Array, residual: Array, deterministic: bool, full_shape: tuple[int, ...] | None = None
+    ) -> Array:
+        """``full_shape``: the layer output's [batch, seq, hidden] where ``x`` holds its first rows
+        only (their dropout mask is then that of the whole output; see :func:`_dropout`)."""
         cfg = self.config
         x = _dense(cfg, cfg.hidden_size, "dense")(x)
-        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = _dropout(cfg.hidden_dropout_prob, x, deterministic, full_shape)
         return _layer_norm(cfg)(x + residual)
 
 
@@ -329,9 +364,10 @@ class BertAttention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, hidden: Array, bias: Array, deterministic: bool) -> Array:
-        context = BertSelfAttention(self.config, name="self")(hidden, bias, deterministic)
-        return BertAddNorm(self.config, name="output")(context, hidden, deterministic)
+    def __call__(self, hidden: Array, bias: Array, deterministic: bool, queries: int | None = None) -> Array:
+        context = BertSelfAttention(self.config, name="self")(hidden, bias, deterministic, queries)
+        residual = hidden if queries is None else hidden[:, :queries]
+        return BertAddNorm(self.config, name="output")(context, residual, deterministic, hidden.shape)
 
 
 class BertIntermediate(nn.Module):
@@ -349,10 +385,13 @@ class BertLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, hidden: Array, bias: Array, deterministic: bool) -> Array:
-        attended = BertAttention(self.config, name="attention")(hidden, bias, deterministic)
+    def __call__(self, hidden: Array, bias: Array, deterministic: bool, queries: int | None = None) -> Array:
+        """[batch, seq, hidden] -> the layer's output, [batch, seq, hidden]; with ``queries``, its
+        first ``queries`` rows only, [batch, queries, hidden] (the same numbers and dropout masks
+        as those rows of the whole output; every row still serves as a key and a value)."""
+        attended = BertAttention(self.config, name="attention")(hidden, bias, deterministic, queries)
         inner = BertIntermediate(self.config, name="intermediate")(attended)
-        return BertAddNorm(self.config, name="output")(inner, attended, deterministic)
+        return BertAddNorm(self.config, name="output")(inner, attended, deterministic, hidden.shape)
 
 
 class BertPooler(nn.Module):
@@ -405,10 +444,27 @@ class MultiExitBert(nn.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         return self.embeddings(input_ids, token_type_ids, deterministic)
 
-    def layer(self, index: int, hidden: Array, attention_mask: Array, deterministic: bool = True) -> Array:
-        """Applies encoder layer ``index`` (0-based) to ``hidden`` under a [batch, seq] 1/0 mask."""
+    def layer(
+        self,
+        index: int,
+        hidden: Array,
+        attention_mask: Array,
+        deterministic: bool = True,
+        queries: int | None = None,
+    ) -> Array:
+        """Applies encoder layer ``index`` (0-based) to ``hidden`` under a [batch, seq] 1/0 mask;
+        with ``queries``, computes the output's first ``queries`` rows only (see ``BertLayer``)."""
         bias = attention_bias(attention_mask, self.config.compute_dtype)
-        return self.layers[index](hidden, bias, deterministic)
+        return self.layers[index](hidden, bias, deterministic, queries)
+
+    def cls_only_layer(self, output_hidden_states: bool = False) -> int | None:
+        """The 1-based layer that :meth:`__call__` computes for the [CLS] row only, or None: the
+        last exit's layer, where the exits pool [CLS] (``CLS_ONLY_LAST_LAYER``) and the caller
+        does not ask for every layer's output. Layers after it have no consumer."""
+        cfg = self.config
+        if CLS_ONLY_LAST_LAYER and cfg.exit_pooling == "cls" and not output_hidden_states:
+            return cfg.exits[-1]
+        return None
 
     def pool(self, exit_index: int, hidden: Array, attention_mask: Array) -> Array:
         """Exit ``exit_index``'s pooled vector [batch, hidden]: ``config.exit_pooling`` of the
@@ -429,16 +485,18 @@ class MultiExitBert(nn.Module):
         pooled = self.exit_dropout(pooled, deterministic=deterministic)
         return self.classifiers[exit_index](pooled).astype(jnp.float32)
 
-    def _encode(self, hidden: Array, bias: Array, deterministic: bool) -> list[Array]:
-        """Every layer's output. Each layer is applied as a pure function of its own ``layer_{i}``
-        parameters and its own dropout key (one split of the ``dropout`` stream per layer), so
-        the two forms compute the same thing: a Python loop, or, in training (``deterministic``
-        False) with ``config.scan_layers``, one ``lax.scan`` over the layers' parameters stacked
-        inside the step. The scan compiles one layer body instead of L and keeps the parameter
-        tree per layer (checkpoints, weight conversion and the early-exit runner see no
-        difference). Inference stays unrolled: stacking copies every layer's weights on each
-        call, which at batch 1 costs more than the layers themselves (MiniLM, 1 x 32 tokens, a busy
-        2-core CPU: 86.9 ms scanned against 36.6 ms unrolled), while a training step amortises it."""
+    def _encode(self, hidden: Array, bias: Array, deterministic: bool, cls_only: int | None) -> list[Array]:
+        """Every layer's output; with ``cls_only`` (a 1-based layer), the layers up to that one,
+        the last of them for its [CLS] row only ([batch, 1, hidden]). Each layer is applied as a
+        pure function of its own ``layer_{i}`` parameters and its own dropout key (one split of
+        the ``dropout`` stream per layer), so the two forms compute the same thing: a Python loop,
+        or, in training (``deterministic`` False) with ``config.scan_layers``, one ``lax.scan``
+        over the layers' parameters stacked inside the step (the [CLS]-only layer after it). The
+        scan compiles one layer body instead of L and keeps the parameter tree per layer
+        (checkpoints, weight conversion and the early-exit runner see no difference). Inference
+        stays unrolled: stacking copies every layer's weights on each call, which at batch 1 costs
+        more than the layers themselves (MiniLM, 1 x 32 tokens, a busy 2-core CPU: 86.9 ms
+        scanned against 36.6 ms unrolled), while a training step amortises it."""
         cfg = self.config
         count = cfg.num_hidden_layers
         body = BertLayer(cfg, parent=None)
@@ -455,25 +513,31 @@ class MultiExitBert(nn.Module):
                 rows = as_runtime_values(tuple(data[i] for i in range(count)), data)
                 keys = [jax.random.wrap_key_data(row, impl=impl) for row in rows]
 
-        def apply(params, hidden: Array, key: Array | None) -> Array:
+        def apply(params, hidden: Array, key: Array | None, queries: int | None = None) -> Array:
             rngs = None if key is None else {"dropout": key}
-            return body.apply({"params": params}, hidden, bias, deterministic, rngs=rngs)
+            return body.apply({"params": params}, hidden, bias, deterministic, queries, rngs=rngs)
 
+        full = count if cls_only is None else cls_only - 1  # the layers computed for every row
         if deterministic or not cfg.scan_layers:
             outputs = []
-            for i, params in enumerate(per_layer):
-                hidden = apply(params, hidden, None if keys is None else keys[i])
+            for i in range(full):
+                hidden = apply(per_layer[i], hidden, None if keys is None else keys[i])
                 outputs.append(hidden)
-            return outputs
+        else:
 
-        def step(hidden: Array, layer: tuple) -> tuple[Array, Array]:
-            params, key = layer
-            hidden = apply(params, hidden, key)
-            return hidden, hidden
+            def step(hidden: Array, layer: tuple) -> tuple[Array, Array]:
+                params, key = layer
+                hidden = apply(params, hidden, key)
+                return hidden, hidden
 
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_layer)
-        _, outputs = jax.lax.scan(step, hidden, (stacked, keys))
-        return list(outputs)
+            outputs = []
+            if full:
+                stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_layer[:full])
+                hidden, scanned = jax.lax.scan(step, hidden, (stacked, keys[:full]))
+                outputs = list(scanned)
+        if cls_only is not None:
+            outputs.append(apply(per_layer[full], hidden, None if keys is None else keys[full], queries=1))
+        return outputs
 
     def __call__(
         self,
@@ -493,7 +557,9 @@ class MultiExitBert(nn.Module):
                 hidden = layer(hidden, bias, deterministic)
                 layer_outputs.append(hidden)
         else:
-            layer_outputs = self._encode(embedded, bias, deterministic)
+            layer_outputs = self._encode(
+                embedded, bias, deterministic, self.cls_only_layer(output_hidden_states)
+            )
         exit_of_layer = {layer: k for k, layer in enumerate(self.config.exits)}
         logits = [
             self.exit(exit_of_layer[i + 1], hidden, attention_mask, deterministic)

@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from gaml_jax import MultiExitBert, names  # noqa: E402
+from gaml_jax import model as model_lib  # noqa: E402
 from gaml_jax.weights import load_pretrained, load_tokenizer  # noqa: E402
 
 F32_TOL = 1e-4  # max abs error, float32 against PyTorch float32
@@ -250,7 +251,11 @@ def test_layer_by_layer_path_gives_call_logits(tiny):
     hidden = model.apply(variables, batch["input_ids"], batch["token_type_ids"], method=MultiExitBert.embed)
     stepwise = []
     for i in range(model.config.num_hidden_layers):  # An exit after every layer: exit i reads layer i.
-        hidden = model.apply(variables, i, hidden, batch["attention_mask"], method=MultiExitBert.layer)
+        # The call computes its last exit's layer for the [CLS] row only (queries=1).
+        queries = 1 if i + 1 == model.cls_only_layer() else None
+        hidden = model.apply(
+            variables, i, hidden, batch["attention_mask"], True, queries, method=MultiExitBert.layer
+        )
         stepwise.append(model.apply(variables, i, hidden, batch["attention_mask"], method=MultiExitBert.exit))
     # Both paths eager (inference never scans), so the same float32 operations in the same order.
     logits = model.apply(
@@ -609,7 +614,6 @@ def test_bfloat16_dense_with_bf16_products_multiplies_into_float32(monkeypatch, 
     (``model._dense_dot_bf16``, YNNPACK's form) and keeps that output; its gradients are the
     products of the bfloat16-rounded cotangent, rounded to bfloat16. Against numpy in float64.
     (Forced on here: on a CPU without them XLA converts the inputs, and the numbers are the same.)"""
-    from gaml_jax import model as model_lib
 
     monkeypatch.setattr(model_lib, "cpu_has_bf16_products", lambda: True)
     rng = np.random.default_rng(5)
@@ -654,7 +658,6 @@ def test_a_wide_bfloat16_dense_on_this_cpu_takes_the_form_xla_runs_natively():
     """``cpu_has_bf16_products`` asks XLA; a wide bfloat16 Dense follows its answer. Where yes (a
     CPU with AMX or AVX512_BF16), the Dense's compiled product converts nothing and yields float32;
     where no, the Dense keeps XLA's form (a bfloat16 output), adding no work there."""
-    from gaml_jax import model as model_lib
 
     x, kernel = jnp.ones((4, 32, 64), jnp.bfloat16), jnp.ones((64, 128), jnp.bfloat16)
     dense = jax.jit(lambda x, k: model_lib._dense_dot_general(x, k, (((2,), (0,)), ((), ()))))
@@ -670,7 +673,6 @@ def test_bfloat16_model_gradients_with_bf16_products_stay_near_float32(tiny, mon
     products (forced on; the path this CPU takes in training when it has them) compiles, runs, and
     stays as near the float32 gradient as XLA's own bfloat16 form does. Every Dense of the encoder
     then emits its products with bfloat16 inputs and float32 outputs (the jaxpr, whatever the CPU)."""
-    from gaml_jax import model as model_lib
 
     monkeypatch.setattr(model_lib, "cpu_has_bf16_products", lambda: True)
     batch = tiny.batch
@@ -720,7 +722,6 @@ def test_widening_dense_kernel_gradients_contract_a_transposed_input(tiny, monke
     slower kernel. With ``TRANSPOSED_WEIGHT_GRADIENTS`` (the default) no widening Dense's kernel
     gradient (hidden -> hidden, hidden -> intermediate) is such a product; the feed-forward's
     narrowing output keeps JAX's; off, every kernel gradient is one."""
-    from gaml_jax import model as model_lib
 
     monkeypatch.setattr(model_lib, "TRANSPOSED_WEIGHT_GRADIENTS", transposed)
     model, params = load_pretrained(tiny.folder)
@@ -750,3 +751,69 @@ def test_widening_dense_kernel_gradients_contract_a_transposed_input(tiny, monke
         assert (square, feed_forward) == (0, layers), token_contracting
     else:
         assert square >= 4 * layers and feed_forward == 2 * layers, token_contracting
+
+
+def _cls_exit_logits(model, params, batch, **kwargs):
+    """Every exit's logits without the hidden states: the [CLS]-only last layer where it applies."""
+    return model.apply(
+        {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], **kwargs
+    ).logits
+
+
+def test_cls_exit_logits_without_hidden_states_match_torch(case):
+    """The forward that computes the last layer for its [CLS] row only (no hidden states asked
+    for) against PyTorch's pooler on every row's output, read at [CLS]."""
+    model, params = load_pretrained(case.folder, exit_pooling="cls")
+    assert model.cls_only_layer() == model.config.exits[-1]
+    params = _random_classifiers(params, model.config, seed=4)
+    logits = np.asarray(jax.jit(functools.partial(_cls_exit_logits, model))(params, case.batch))
+    for k, layer in enumerate(model.config.exits):
+        classifier = params[f"classifier_{k}"]
+        expected = _torch_pooled(case, layer) @ classifier["kernel"] + classifier["bias"]
+        np.testing.assert_allclose(logits[k], expected, rtol=0, atol=F32_TOL)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("exit_layers", [None, (1, 2)])
+def test_cls_only_last_layer_trains_as_every_row_does(tiny, monkeypatch, scan, exit_layers):
+    """Training mode, dropout on: the [CLS]-only last layer gives the logits and gradients of the
+    layer computed for every row (the same dropout masks on the [CLS] row), whether the layers
+    are scanned and whether the last exit is the last layer; and it computes fewer FLOPs."""
+    model, params = load_pretrained(
+        tiny.folder, exit_pooling="cls", exit_layers=exit_layers, scan_layers=scan
+    )
+    params = _random_classifiers(params, model.config, seed=5)
+    batch = tiny.batch
+
+    def loss(params):
+        logits = _cls_exit_logits(
+            model, params, batch, deterministic=False, rngs={"dropout": jax.random.key(11)}
+        )
+        return jnp.sum(jnp.tanh(logits) * jnp.arange(logits.size).reshape(logits.shape)), logits
+
+    def run(cls_only: bool):
+        monkeypatch.setattr(model_lib, "CLS_ONLY_LAST_LAYER", cls_only)  # read while tracing
+        grad = jax.jit(jax.grad(loss, has_aux=True))
+        (grads, logits), cost = grad(params), grad.lower(params).compile().cost_analysis()
+        return grads, np.asarray(logits), cost["flops"]
+
+    (grads, logits, flops), (reference_grads, reference_logits, reference_flops) = run(True), run(False)
+    np.testing.assert_allclose(logits, reference_logits, rtol=0, atol=1e-5)
+    # Dropout is on (the logits are not the deterministic forward's), with the same masks in both.
+    plain = np.asarray(_cls_exit_logits(model, params, batch))
+    assert np.abs(logits - plain).max() > 1e-3
+    largest = max(float(np.abs(r).max()) for r in jax.tree.leaves(reference_grads))
+    pairs = zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(reference_grads), strict=True)
+    for (path, g), r in pairs:
+        atol = 1e-5 * float(np.abs(r).max()) + 1e-7 * largest
+        np.testing.assert_allclose(g, r, rtol=0, atol=atol, err_msg=jax.tree_util.keystr(path))
+    if not scan:  # XLA's cost analysis counts a scanned body once, whatever the trip count
+        assert flops < 0.95 * reference_flops, (flops, reference_flops)
+
+
+def test_mean_exits_and_hidden_states_keep_every_row_of_the_last_layer(tiny):
+    mean, _ = load_pretrained(tiny.folder, exit_pooling="mean")
+    cls, params = load_pretrained(tiny.folder, exit_pooling="cls")
+    assert mean.cls_only_layer() is None and cls.cls_only_layer(output_hidden_states=True) is None
+    out = _apply(cls, params, tiny.batch)
+    assert out.hidden_states[-1].shape == tiny.hidden_states[-1].shape
