@@ -117,6 +117,14 @@ class EarlyExitRunner:
             )
             return hidden, logits
 
+        def last_layer_exit(p, exit_p, hidden, attention_mask):
+            """The last exit's layer for the [CLS] row only, where that is all the exit reads
+            (``MultiExitBert.cls_only_layer``), and its exit: [batch, labels] logits."""
+            hidden = model.apply(
+                {"params": p}, 0, hidden, attention_mask, True, 1, method=MultiExitBert.layer
+            )
+            return model.apply({"params": exit_p}, 0, hidden, attention_mask, True, method=MultiExitBert.exit)
+
         def compact(hidden, attention_mask, rows):
             return hidden[rows], attention_mask[rows]
 
@@ -133,6 +141,8 @@ class EarlyExitRunner:
         # The hidden state is donated: each layer writes its output over its input.
         self._layer = jit(layer, donate_argnums=1)
         self._layer_exit = jit(layer_exit, donate_argnums=2)
+        self._cls_only_layer = model.cls_only_layer()  # 1-based, or None
+        self._last_layer_exit = jit(last_layer_exit)
         self._compact = jax.jit(compact)
         # On the CPU the device's memory is the host's: the running rows are gathered with numpy,
         # with no program to compile for each (batch bucket, smaller bucket, length) it meets
@@ -217,7 +227,10 @@ class EarlyExitRunner:
             if k is None:
                 hidden = self._layer(self._layer_params[i], hidden, mask)
                 continue
-            hidden, logits = self._layer_exit(self._layer_params[i], self._exit_params[k], hidden, mask)
+            if i + 1 == self._cls_only_layer:  # the last exit, which reads the [CLS] row only
+                logits = self._last_layer_exit(self._layer_params[i], self._exit_params[k], hidden, mask)
+            else:
+                hidden, logits = self._layer_exit(self._layer_params[i], self._exit_params[k], hidden, mask)
             logits = np.asarray(logits)[rows]  # the host sync of this exit layer
             if k == last_exit:
                 exits = np.ones(len(running), bool)
@@ -283,6 +296,9 @@ def early_exit_program(model: MultiExitBert, criterion: str, treedef, *, toleran
     for k, layer in enumerate(cfg.exits):
         exit_of_layer[layer - 1] = k
     check_criterion(criterion, 1, num_labels)  # a known criterion that applies to the model
+    # Where the exits read [CLS], the last exit's layer runs after the loop, for that row only.
+    cls_last = model.cls_only_layer()
+    loop_layers = len(exit_of_layer) - (cls_last is not None)
 
     def decide(logits, k, threshold, previous, count):
         """[batch] exits now, and the patience state (previous prediction, agreeing exits)."""
@@ -320,10 +336,10 @@ def early_exit_program(model: MultiExitBert, criterion: str, treedef, *, toleran
                 out[names.pooler(0, shared=False)] = p["poolers"][k]
             return out
 
-        def apply_layer(j: int) -> Callable:
+        def apply_layer(j: int, queries: int | None = None) -> Callable:
             params_j = {names.layer(0): p["layers"][j]}
             return lambda h: model.apply(
-                {"params": params_j}, 0, h, attention_mask, True, method=MultiExitBert.layer
+                {"params": params_j}, 0, h, attention_mask, True, queries, method=MultiExitBert.layer
             )
 
         def apply_exit(k: int) -> Callable:  # the model's own exit: its pooling, pooler, classifier
@@ -332,12 +348,12 @@ def early_exit_program(model: MultiExitBert, criterion: str, treedef, *, toleran
                 {"params": params_k}, 0, h, attention_mask, True, method=MultiExitBert.exit
             )
 
-        layer_branches = [apply_layer(j) for j in range(len(p["layers"]))]
+        layer_branches = [apply_layer(j) for j in range(loop_layers)]
         exit_branches = [apply_exit(k) for k in range(num_exits)]
 
         def running(state):
             i, _, done, *_ = state
-            return (i < len(exit_of_layer)) & ~done.all()
+            return (i < loop_layers) & ~done.all()
 
         def layer(state):
             i, hidden, done, logits_out, layer_out, previous, count = state
@@ -366,7 +382,27 @@ def early_exit_program(model: MultiExitBert, criterion: str, treedef, *, toleran
             jnp.zeros(batch, jnp.float32),
             jnp.zeros(batch, jnp.int32),
         )
-        layers_run, _, _, logits_out, layer_out, _, _ = jax.lax.while_loop(running, layer, state)
+        if loop_layers:  # none where the only exit is layer 1's, read at [CLS]
+            state = jax.lax.while_loop(running, layer, state)
+        layers_run, hidden, done, logits_out, layer_out, _, _ = state
+        if cls_last is None:
+            return logits_out, layer_out, layers_run
+
+        def last(hidden, done, logits_out, layer_out):
+            """The last exit's layer ([CLS] row only) and exit: every example still running takes it."""
+            logits = exit_branches[-1](apply_layer(cls_last - 1, queries=1)(hidden))
+            return (
+                jnp.int32(cls_last),
+                jnp.where(done[:, None], logits_out, logits),
+                jnp.where(done, layer_out, cls_last),
+            )
+
+        def finished(hidden, done, logits_out, layer_out):
+            return layers_run, logits_out, layer_out
+
+        layers_run, logits_out, layer_out = jax.lax.cond(
+            done.all(), finished, last, hidden, done, logits_out, layer_out
+        )
         return logits_out, layer_out, layers_run
 
     return program

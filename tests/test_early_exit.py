@@ -198,16 +198,23 @@ def _check_regression_patience(model, runner):
 
 
 @pytest.mark.parametrize(
-    "num_labels,criterion,target",
-    [(3, "entropy", 1.4), (3, "confidence", 1.6), (3, "patience", None), (1, "patience", None)],
+    "num_labels,criterion,target,exit_layers",
+    [
+        (3, "entropy", 1.4, (1, 3, 4)),
+        (3, "confidence", 1.6, (1, 3, 4)),
+        (3, "patience", None, (1, 3, 4)),
+        (1, "patience", None, (1, 3, 4)),
+        (3, "entropy", 2.0, (1, 2, 3)),  # the last exit before the last layer
+    ],
 )
-def test_one_program_at_batch_one_equals_layer_by_layer(num_labels, criterion, target):
+def test_one_program_at_batch_one_equals_layer_by_layer(num_labels, criterion, target, exit_layers):
     """A lone example runs as one device program (the exported loop); it takes the exit, the
     logits and the layers of the layer-by-layer path, on a model with a layer without an exit
-    and one pooler per exit."""
+    and one pooler per exit. Both compute the last exit's layer for its [CLS] row only."""
     model, params = tiny_model(
-        num_labels, exit_layers=(1, 3, 4), seed=2, num_hidden_layers=4, shared_pooler=False
+        num_labels, exit_layers=exit_layers, seed=2, num_hidden_layers=4, shared_pooler=False
     )
+    assert model.cls_only_layer() == exit_layers[-1]
     runner = EarlyExitRunner(model, params, batch_buckets=(1, 4))
     assert runner.one_program_at_batch_one
     cfg = model.config
