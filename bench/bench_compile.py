@@ -215,7 +215,8 @@ def remat_layers():
     from gaml_jax import model as m
 
     original = m.BertLayer
-    m.BertLayer = nn.remat(original, static_argnums=(3,))  # (self, hidden, bias, deterministic)
+    # (self, hidden, bias, deterministic, queries): the last two shape the program
+    m.BertLayer = nn.remat(original, static_argnums=(3, 4))
     try:
         yield
     finally:

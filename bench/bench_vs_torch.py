@@ -84,12 +84,19 @@ def make_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
-def forward_flops(config: ModelConfig, batch: int, seq: int) -> float:
-    """Multiply-adds x 2 of one forward: projections, feed-forward, attention products, exits."""
+def forward_flops(config: ModelConfig, batch: int, seq: int, cls_only_last: bool = False) -> float:
+    """Multiply-adds x 2 of one forward: projections, feed-forward, attention products, exits.
+    ``cls_only_last``: the last layer as ours computes it for [CLS]-pooled exits (keys and values
+    of every row; the query, attention output and feed-forward of one row)."""
     h, i = config.hidden_size, config.intermediate_size
-    per_layer = 2 * seq * (4 * h * h + 2 * h * i) + 2 * 2 * seq * seq * h
+
+    def layer(queries: int) -> int:
+        keys_values = 2 * seq * 2 * h * h
+        return keys_values + 2 * queries * (2 * h * h + 2 * h * i) + 2 * 2 * queries * seq * h
+
+    layers = (config.num_hidden_layers - 1) * layer(seq) + layer(1 if cls_only_last else seq)
     exits = config.num_exits * 2 * (h * h + h * config.num_labels)
-    return batch * (config.num_hidden_layers * per_layer + exits)
+    return batch * (layers + exits)
 
 
 def peak_flops() -> tuple[str, float | None]:
@@ -461,8 +468,13 @@ def main() -> None:
                     config, params, "gaml", device_batch, **variant_options(name)
                 )
     seconds = race(contenders, repeats)
-    fwd = forward_flops(config, batch_size, seq)
-    flops = {name: (5 if "GAML" in name else 3) * fwd for name in contenders}
+
+    # Each contender's FLOPs as it computes them: ours skips the last layer's other rows.
+    def computed(name: str) -> float:
+        cls_only = name.startswith("ours") and "all-rows-last" not in name and config.exit_pooling == "cls"
+        return (5 if "GAML" in name else 3) * forward_flops(config, batch_size, seq, cls_only)
+
+    flops = {name: computed(name) for name in contenders}
     print_race(f"train step, batch {batch_size} x seq {seq}", seconds, batch_size, "torch CE", flops)
     ours, theirs = seconds["ours CE"], seconds["torch CE"]
     print(

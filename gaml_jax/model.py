@@ -554,7 +554,7 @@ class MultiExitBert(nn.Module):
         if self.is_initializing():  # creates the ``layer_{i}`` parameters
             layer_outputs = []
             for layer in self.layers:
-                hidden = layer(hidden, bias, deterministic)
+                hidden = layer(hidden, bias, deterministic, None)  # every row
                 layer_outputs.append(hidden)
         else:
             layer_outputs = self._encode(
