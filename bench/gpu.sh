@@ -10,8 +10,9 @@
 #          parameters: our CE and GAML steps and HF PyTorch's PABEE-style CE step (autocast bf16,
 #          fused AdamW), with model FLOPs utilisation against the chip's dense bf16 peak
 #          (H100/H200: 989 TFLOP/s), and what-if forms of our CE step raced beside it
-#          (bench_vs_torch.py --variants: dropout bits from RngBitGenerator, the optimizer per
-#          tensor, the residual stream in float32, matrix products without Triton's kernels). Then batch 32 x seq 128, with GAML's
+#          (bench_vs_torch.py --variants: the last layer for every row rather than [CLS] only,
+#          dropout bits from RngBitGenerator, the optimizer per tensor, the residual stream in
+#          float32, matrix products without Triton's kernels). Then batch 32 x seq 128, with GAML's
 #          two pull-backs batched (--variants vmap) beside the GAML step.
 # checks:  bench/gpu_checks.py: float32 parity with HF PyTorch on the GPU, whether the bfloat16
 #          forward really calls cuDNN's fused attention (and how close it stays to XLA's), and how
@@ -71,8 +72,8 @@ if [[ $mode == gpu ]]; then
   bert=(--shape bert-base --seq 128 --dtype bfloat16)
   ee=(-m bench.bench_early_exit --shapes=bert-base --seq-len 128 --examples 64 --repeats 3 --dtype bfloat16)
   if want train; then
-    run 310 "$PYTHON" bench/bench_vs_torch.py "${bert[@]}" --batch 128 --repeats 10 --no-forward \
-      --variants rbg,tree,f32-stream,xla:xla_gpu_enable_triton_gemm=false
+    run 360 "$PYTHON" bench/bench_vs_torch.py "${bert[@]}" --batch 128 --repeats 10 --no-forward \
+      --variants all-rows-last,rbg,tree,f32-stream,xla:xla_gpu_enable_triton_gemm=false
     run 170 "$PYTHON" bench/bench_vs_torch.py "${bert[@]}" --batch 32 --repeats 20 --no-forward --variants vmap
   fi
   want checks && run 80 "$PYTHON" bench/gpu_checks.py --shape bert-base --batch 8 --seq 128
@@ -87,7 +88,7 @@ else
   export JAX_PLATFORMS=cpu
   ee=(-m bench.bench_early_exit --quick --examples 8 --seq-len 16 --batch-sizes 1,4 --repeats 1)
   if want train; then
-    run 600 "$PYTHON" bench/bench_vs_torch.py --quick --batch 4 --seq 16 --repeats 1 --dtype bfloat16 --no-forward --variants rbg,tree,vmap,f32-stream
+    run 600 "$PYTHON" bench/bench_vs_torch.py --quick --batch 4 --seq 16 --repeats 1 --dtype bfloat16 --no-forward --variants all-rows-last,rbg,tree,vmap,f32-stream
   fi
   want checks && run 600 "$PYTHON" bench/gpu_checks.py --shape tiny --batch 4 --seq 32
   want profile && run 600 "$PYTHON" bench/profile_step.py --batch 4 --seq 16 --steps 1 --top 5
