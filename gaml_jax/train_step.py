@@ -147,6 +147,28 @@ def _group(path: tuple, leaf: jax.Array) -> str:
     return f"{rate}/{'decay' if _decays(path, leaf) else 'no_decay'}"
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """Global-norm clipping as ``optax.clip_by_global_norm`` does it (the same condition, the same
+    empty state), with the factor ``max_norm / norm`` computed once, as a scalar, rather than each
+    element divided by the norm (the same numbers within an ulp). XLA:CPU does not repeat a division
+    in each of its consumers: optax's form made it write the clipped gradients out (the MiniLM
+    step's 22.7 M floats) before AdamW's two moments read them again; a product by a scalar it
+    fuses into them (one-core MiniLM CE profile: 1161 against 1191 ms a step, the optimizer's
+    operations 86 against 96 ms; docs/performance.md)."""
+
+    def init_fn(params: optax.Params) -> optax.OptState:
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = optax.global_norm(updates)
+        factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda t: t * factor.astype(t.dtype), updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_optimizer(
     *,
     method: str,
@@ -196,7 +218,7 @@ def make_optimizer(
     if method != "ce":
         links.append(gradient_alignment(kd_weight, per_tensor=per_tensor_alignment, align=method == "gaml"))
     if grad_clip_norm and grad_clip_norm > 0:
-        links.append(optax.clip_by_global_norm(grad_clip_norm))
+        links.append(clip_by_global_norm(grad_clip_norm))
     links.append(
         optax.multi_transform({"encoder": adamw(learning_rate), "exits": adamw(exit_learning_rate)}, labels)
     )

@@ -330,6 +330,30 @@ def _numpy_adamw_steps(params, grads_per_step, *, weight_decay, clip, rates_of):
     return jax.tree.unflatten(treedef, p)
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 50.0], ids=["acting", "idle"])
+def test_clipping_scales_by_the_global_norm_as_numpy_and_optax_do(max_norm):
+    from gaml_jax.train_step import clip_by_global_norm
+
+    rng = np.random.default_rng(3)
+    grads = {
+        "a": rng.normal(size=(7, 5)).astype(np.float32),
+        "b": {"c": rng.normal(size=11).astype(np.float32)},
+    }
+    norm = np.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree.leaves(grads)))
+    assert (norm > max_norm) == (max_norm == 0.5)
+    want = jax.tree.map(lambda x: x * min(1.0, max_norm / norm), grads)
+    tx, reference = clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    got, state = jax.jit(tx.update)(grads, tx.init(grads))
+    theirs, _ = reference.update(grads, reference.init(grads))
+    for g, w, t in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=0)
+        np.testing.assert_allclose(g, t, rtol=1e-6, atol=0)
+    assert jax.tree.structure(state) == jax.tree.structure(reference.init(grads))  # checkpoints restore
+    if max_norm == 50.0:
+        for g, x in zip(jax.tree.leaves(got), jax.tree.leaves(grads), strict=True):
+            np.testing.assert_array_equal(g, x)  # untouched below the threshold
+
+
 def test_the_flat_optimizer_is_clipping_and_adamw_per_tensor_with_exit_rates_and_decay_masks():
     """make_optimizer runs its chain on one vector per (exits | encoder, decay | no decay) group:
     against per-leaf numpy AdamW over several steps, with weight decay on, the exits' own rate
