@@ -335,8 +335,12 @@ class BertSelfAttention(nn.Module):
         spelled out over the query axis; shapes it refuses (it says so while tracing) go to XLA, and
         so does the [CLS] row's attention of a last layer (one query: a product too small to fuse).
         """
-        one_query_per_key = q.shape[1] == k.shape[1]
-        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and one_query_per_key:
+        as_many_queries_as_keys = q.shape[1] == k.shape[1]
+        if (
+            jax.default_backend() == "gpu"
+            and q.dtype in (jnp.bfloat16, jnp.float16)
+            and as_many_queries_as_keys
+        ):
             batch, rows = q.shape[:2]
             try:
                 full_bias = jnp.broadcast_to(bias, (batch, 1, rows, bias.shape[-1]))
