@@ -106,24 +106,18 @@ class EarlyExitRunner:
             hidden = model.apply({"params": p}, input_ids, token_type_ids, True, method=MultiExitBert.embed)
             return hidden, attention_mask  # brings the mask to the device in the same call
 
-        def layer(p, hidden, attention_mask):
-            return model.apply({"params": p}, 0, hidden, attention_mask, True, method=MultiExitBert.layer)
+        def layer(p, hidden, attention_mask, queries=None):
+            return model.apply(
+                {"params": p}, 0, hidden, attention_mask, True, queries, method=MultiExitBert.layer
+            )
 
-        def layer_exit(p, exit_p, hidden, attention_mask):
-            hidden = layer(p, hidden, attention_mask)
+        def layer_exit(p, exit_p, hidden, attention_mask, queries=None):
+            hidden = layer(p, hidden, attention_mask, queries)
             # The mask (compacted with the hidden state) keeps mean pooling to the real tokens.
             logits = model.apply(
                 {"params": exit_p}, 0, hidden, attention_mask, True, method=MultiExitBert.exit
             )
             return hidden, logits
-
-        def last_layer_exit(p, exit_p, hidden, attention_mask):
-            """The last exit's layer for the [CLS] row only, where that is all the exit reads
-            (``MultiExitBert.cls_only_layer``), and its exit: [batch, labels] logits."""
-            hidden = model.apply(
-                {"params": p}, 0, hidden, attention_mask, True, 1, method=MultiExitBert.layer
-            )
-            return model.apply({"params": exit_p}, 0, hidden, attention_mask, True, method=MultiExitBert.exit)
 
         def compact(hidden, attention_mask, rows):
             return hidden[rows], attention_mask[rows]
@@ -142,7 +136,8 @@ class EarlyExitRunner:
         self._layer = jit(layer, donate_argnums=1)
         self._layer_exit = jit(layer_exit, donate_argnums=2)
         self._cls_only_layer = model.cls_only_layer()  # 1-based, or None
-        self._last_layer_exit = jit(last_layer_exit)
+        # The last exit's layer for its [CLS] row only, where that is all the exit reads.
+        self._last_layer_exit = jit(functools.partial(layer_exit, queries=1))
         self._compact = jax.jit(compact)
         # On the CPU the device's memory is the host's: the running rows are gathered with numpy,
         # with no program to compile for each (batch bucket, smaller bucket, length) it meets
@@ -228,7 +223,7 @@ class EarlyExitRunner:
                 hidden = self._layer(self._layer_params[i], hidden, mask)
                 continue
             if i + 1 == self._cls_only_layer:  # the last exit, which reads the [CLS] row only
-                logits = self._last_layer_exit(self._layer_params[i], self._exit_params[k], hidden, mask)
+                _, logits = self._last_layer_exit(self._layer_params[i], self._exit_params[k], hidden, mask)
             else:
                 hidden, logits = self._layer_exit(self._layer_params[i], self._exit_params[k], hidden, mask)
             logits = np.asarray(logits)[rows]  # the host sync of this exit layer
