@@ -471,7 +471,8 @@ def main() -> None:
 
     # Each contender's FLOPs as it computes them: ours skips the last layer's other rows.
     def computed(name: str) -> float:
-        cls_only = name.startswith("ours") and "all-rows-last" not in name and config.exit_pooling == "cls"
+        cls_only = name.startswith("ours") and "all-rows-last" not in name
+        cls_only = cls_only and MultiExitBert(config).cls_only_layer() is not None  # the model's own rule
         return (5 if "GAML" in name else 3) * forward_flops(config, batch_size, seq, cls_only)
 
     flops = {name: computed(name) for name in contenders}
