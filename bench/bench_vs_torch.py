@@ -135,6 +135,10 @@ VARIANTS = {
         "bfloat16 products as XLA forms them, inputs converted to float32 (model.NATIVE_BF16_PRODUCTS off)",
         {"native_bf16_products": False},
     ),
+    "eye-transposes": (
+        "bfloat16 kernel gradients' transpositions as identity products (model.TRANSPOSES_BY_COPY off)",
+        {"transposes_by_copy": False},
+    ),
     "all-rows-last": (
         "the last exit's layer for every row, not [CLS] only (model.CLS_ONLY_LAST_LAYER off)",
         {"cls_only_last_layer": False},
@@ -177,6 +181,7 @@ def jax_step(
     transposed_weight_gradients: bool | None = None,
     native_bf16_products: bool | None = None,
     cls_only_last_layer: bool | None = None,
+    transposes_by_copy: bool | None = None,
 ) -> Callable[[], None]:
     """``run()`` does one compiled update on ``batch`` (on the device), waits for it and returns its
     metrics. By default the trainer's step; the keyword arguments make its what-if forms
@@ -199,6 +204,7 @@ def jax_step(
             _switched(model_lib, "TRANSPOSED_WEIGHT_GRADIENTS", transposed_weight_gradients),
             _switched(model_lib, "NATIVE_BF16_PRODUCTS", native_bf16_products),
             _switched(model_lib, "CLS_ONLY_LAST_LAYER", cls_only_last_layer),
+            _switched(model_lib, "TRANSPOSES_BY_COPY", transposes_by_copy),
         ):
             holder["state"], metrics = step(holder["state"], batch, rng)
         return jax.block_until_ready(metrics)

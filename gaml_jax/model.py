@@ -103,6 +103,14 @@ NATIVE_BF16_PRODUCTS = True
 _NATIVE_BF16_MIN_WIDTH = 64
 
 
+# The bfloat16 kernel gradients' transposition (_transposed) as a copy XLA does not fold into the
+# product, in a branch of a conditional: 0.84 against 1.13 ms for a 2048 x 384 -> 384 kernel gradient
+# on a 2-core AVX-512 box, where the product alone takes 0.42 ms (docs/performance.md). False: the
+# transposition as a product by an identity matrix, which costs as much as a square kernel's
+# gradient itself. Read when a function is traced.
+TRANSPOSES_BY_COPY = True
+
+
 @functools.cache
 def cpu_has_bf16_products() -> bool:
     """True if XLA:CPU multiplies bfloat16 matrices into float32 without converting them first.
@@ -117,14 +125,24 @@ def cpu_has_bf16_products() -> bool:
 
 
 def _transposed(a: Array) -> Array:
-    """``a.T`` for a 2-D bfloat16 ``a``, computed as the product ``eye @ a.T`` into float32.
+    """``a.T`` for a 2-D bfloat16 ``a``, as an array of its own that a product can read as it is.
 
-    Exact (each sum has one nonzero term), and a product: XLA folds a plain transpose into the
-    product that reads it, which then contracts over its operands' leading axis, a form YNNPACK
-    does not take (XLA converts it to float32 and multiplies with Eigen). A non-finite entry makes
-    its whole column NaN (``0 * inf``), where the gradient is not finite anyway.
+    XLA folds a plain transpose into the product that reads it, which then contracts over its
+    operands' leading axis, a form YNNPACK does not take (XLA converts it to float32 and multiplies
+    with Eigen); so does a transpose behind an optimisation barrier or a bitcast. A conditional's
+    result it does not look into: with ``TRANSPOSES_BY_COPY`` the transposition is a plain copy in
+    one branch of a ``lax.cond``. The other branch, taken where ``a[0, 0]`` is not finite (and the
+    gradient is not finite anyway), and the whole form without ``TRANSPOSES_BY_COPY``: the product
+    ``eye @ a.T`` into float32, exact (each sum has one nonzero term), in which a non-finite entry
+    makes its whole column NaN (``0 * inf``).
     """
-    return _into_float32(jnp.eye(a.shape[1], dtype=a.dtype), a, (1, 1)).astype(a.dtype)
+
+    def by_product(a: Array) -> Array:
+        return _into_float32(jnp.eye(a.shape[1], dtype=a.dtype), a, (1, 1)).astype(a.dtype)
+
+    if not TRANSPOSES_BY_COPY:
+        return by_product(a)
+    return jax.lax.cond(jnp.isfinite(a[0, 0]), lambda a: a.T, by_product, a)
 
 
 def _into_float32(a: Array, b: Array, contracting: tuple[int, int]) -> Array:
@@ -157,7 +175,7 @@ def _dense_dot_bf16_bwd(residuals, cotangent: Array):
     rows = x.reshape(-1, width_in)
     ct = cotangent.reshape(-1, width_out).astype(x.dtype)
     dx = _into_float32(ct, kernel, (1, 1)).astype(x.dtype).reshape(x.shape)
-    # kernel' = rows.T @ ct, with the narrower of the two transposed (by a product, see _transposed).
+    # kernel' = rows.T @ ct, with the narrower of the two transposed (see _transposed).
     if width_in <= width_out:
         dkernel = _into_float32(_transposed(rows), ct, (1, 0)).astype(kernel.dtype)
     else:

@@ -643,6 +643,40 @@ def test_bfloat16_dense_with_bf16_products_multiplies_into_float32(monkeypatch, 
     assert dot(x, kernel[:, :2]).dtype == jnp.bfloat16
 
 
+def test_bfloat16_transposition_is_exact_and_leaves_the_products_in_bfloat16(monkeypatch):
+    """``model._transposed`` (the bfloat16 kernel gradient's transposed operand) is ``a.T`` to the
+    bit, as a copy or as the identity product; where ``a[0, 0]`` is not finite it takes the product
+    (its column NaN, the gradient not finite anyway). On a CPU with bfloat16 products, every product
+    of a wide bfloat16 Dense's compiled gradient reads bfloat16: XLA did not fold the transposition
+    into a product it then converts to float32 (which it does to a plain or barred transpose)."""
+
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(11, 64)), jnp.bfloat16)
+    for by_copy in (True, False):
+        monkeypatch.setattr(model_lib, "TRANSPOSES_BY_COPY", by_copy)
+        np.testing.assert_array_equal(np.asarray(jax.jit(model_lib._transposed)(a)), np.asarray(a).T)
+    monkeypatch.setattr(model_lib, "TRANSPOSES_BY_COPY", True)
+    spoilt = np.asarray(jax.jit(model_lib._transposed)(a.at[0, 0].set(jnp.inf)), np.float32)
+    assert not np.isfinite(spoilt[1:, 0]).any() and spoilt[0, 0] == np.inf
+    np.testing.assert_array_equal(spoilt[:, 1:], np.asarray(a, np.float32).T[:, 1:])
+
+    if not model_lib.cpu_has_bf16_products():
+        pytest.skip("XLA converts bfloat16 products to float32 on this CPU")
+    for d_in, d_out in ((64, 128), (128, 64)):
+        x, kernel = jnp.ones((4, 32, d_in), jnp.bfloat16), jnp.ones((d_in, d_out), jnp.bfloat16)
+
+        def dense(x, k):
+            return model_lib._dense_dot_general(x, k, (((2,), (0,)), ((), ())))
+
+        pull_back = jax.jit(lambda x, k, ct: jax.vjp(dense, x, k)[1](ct))
+        hlo = pull_back.lower(x, kernel, jnp.ones((4, 32, d_out))).compile().as_text()
+        computations = hlo.split("\n\n")
+        with_products = [c for c in computations if " dot(" in c]
+        assert with_products
+        for computation in with_products:
+            operands = re.findall(r"= (\w+)\[[\d,]*\]\S* parameter\(", computation)
+            assert set(operands) <= {"bf16"}, computation
+
+
 def _equations(jaxpr):
     """Every equation of ``jaxpr``, those of the jaxprs it nests included."""
     for eqn in jaxpr.eqns:
