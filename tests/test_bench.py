@@ -102,3 +102,40 @@ def test_race_alternates_and_reverses_its_rounds():
     assert calls == ["a", "b", "c"] + ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
     assert set(seconds) == {"a", "b", "c"}
     assert all(s["wall"] >= 0 and s["cpu"] >= 0 for s in seconds.values())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_products_bench_races_the_same_products_on_both_sides(dtype):
+    """``bench_products.py``: the product kinds it weighs are those of a layer of the model (the
+    kernels' shapes and how many of each), and its four contenders compute the same forward and
+    the same two gradients on both sides (PyTorch's weight gradient in its [out, in] layout)."""
+    import torch
+
+    from bench import bench_products
+
+    params = MultiExitBert(TINY).init(jax.random.key(0), np.ones((1, SEQ), np.int32))["params"]
+    kernels = [
+        leaf.shape
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        if "layer_0" in jax.tree_util.keystr(path) and jax.tree_util.keystr(path).endswith("['kernel']")
+    ]
+    shape = {"hidden_size": TINY.hidden_size, "intermediate_size": TINY.intermediate_size}
+    weighed = [(i, o) for _, i, o, count in bench_products.layer_products(shape) for _ in range(count)]
+    assert sorted(kernels) == sorted(weighed)
+
+    tolerance = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]  # PyTorch rounds its output to bfloat16
+    # TINY's widths, and wider ones, which take the CPU's bfloat16 products where it has them.
+    widths = [(i, o) for _, i, o, _ in bench_products.layer_products(shape)] + [(64, 128), (128, 64)]
+    for width_in, width_out in widths:
+        calls = bench_products.contenders(torch, dtype, (BATCH, SEQ), width_in, width_out)
+        as_numpy = lambda t: (
+            t.detach().float().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float32)
+        )  # noqa: E731
+        ours_y, torch_y = calls["ours forward"](), calls["torch forward"]()
+        np.testing.assert_allclose(as_numpy(ours_y), as_numpy(torch_y), rtol=tolerance, atol=tolerance * 0.1)
+        (ours_dx, ours_dk), (torch_dx, torch_dw) = calls["ours backward"](), calls["torch backward"]()
+        for ours, theirs in ((ours_dx, torch_dx), (ours_dk, torch_dw.T)):
+            scale = np.abs(as_numpy(theirs)).max()
+            np.testing.assert_allclose(
+                as_numpy(ours), as_numpy(theirs), rtol=tolerance, atol=tolerance * scale
+            )
