@@ -43,6 +43,7 @@ bench: setup-test
 	$(BIN)/python -m bench.bench_early_exit --quick
 	$(BIN)/python -m bench.bench_serving
 	$(BIN)/python bench/bench_vs_torch.py --quick
+	$(BIN)/python bench/bench_products.py --quick
 	$(BIN)/python bench/bench_cpu_options.py --quick
 	$(BIN)/python bench/bench_compile.py --variants --quick
 	$(BIN)/python bench/bench_host_memory.py --methods ce --steps 5 --rounds 1

@@ -25,6 +25,7 @@ between the libraries' products.
     python bench/bench_products.py                         # MiniLM shape, 32 x 64 tokens, float32
     python bench/bench_products.py --shape bert-base --dtype bfloat16
     python bench/bench_products.py --cores 1               # both on one core
+    python bench/bench_products.py --quick                 # 8 x 32 tokens, 3 repeats
 """
 
 from __future__ import annotations
@@ -132,12 +133,16 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shape", default="minilm", choices=sorted(SHAPES))
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=9, help="Timed calls of each.")
+    parser.add_argument("--quick", action="store_true", help="Batch 8 x seq 32, 3 repeats.")
+    parser.add_argument("--batch", type=int, default=None, help="Batch (default 32; 8 with --quick).")
+    parser.add_argument("--seq", type=int, default=None, help="Sequence length (default 64; 32 quick).")
+    parser.add_argument("--repeats", type=int, default=None, help="Timed bursts (default 9; 3 quick).")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Compute dtype.")
     parser.add_argument("--cores", type=int, default=None, help="Run on this many cores only (both sides).")
     args = parser.parse_args()
+    args.batch = args.batch or (8 if args.quick else 32)
+    args.seq = args.seq or (32 if args.quick else 64)
+    args.repeats = args.repeats or (3 if args.quick else 9)
     if args.cores:  # before JAX starts its CPU client, which sizes its thread pool on the affinity
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
     import torch
