@@ -130,12 +130,12 @@ def _transposed(a: Array) -> Array:
 
     XLA folds a plain transpose into the product that reads it, which then contracts over its
     operands' leading axis, a form YNNPACK does not take (XLA converts it to float32 and multiplies
-    with Eigen); so does a transpose behind an optimisation barrier or a bitcast. A conditional's
-    result it does not look into: with ``TRANSPOSES_BY_COPY`` the transposition is a plain copy in
-    one branch of a ``lax.cond``. The other branch, taken where ``a[0, 0]`` is not finite (and the
-    gradient is not finite anyway), and the whole form without ``TRANSPOSES_BY_COPY``: the product
-    ``eye @ a.T`` into float32, exact (each sum has one nonzero term), in which a non-finite entry
-    makes its whole column NaN (``0 * inf``).
+    with Eigen); behind an optimisation barrier or a bitcast the product is converted all the same.
+    A conditional's result it does not look into: with ``TRANSPOSES_BY_COPY`` the transposition
+    is a plain copy in one branch of a ``lax.cond``. The other branch, taken where ``a[0, 0]`` is
+    not finite (and the gradient is not finite anyway), and the whole form without
+    ``TRANSPOSES_BY_COPY``: the product ``eye @ a.T`` into float32, exact (each sum has one nonzero
+    term), in which a non-finite entry makes its whole column NaN (``0 * inf``).
     """
 
     def by_product(a: Array) -> Array:

@@ -126,11 +126,12 @@ def test_products_bench_races_the_same_products_on_both_sides(dtype):
     tolerance = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]  # PyTorch rounds its output to bfloat16
     # TINY's widths, and wider ones, which take the CPU's bfloat16 products where it has them.
     widths = [(i, o) for _, i, o, _ in bench_products.layer_products(shape)] + [(64, 128), (128, 64)]
+
+    def as_numpy(t) -> np.ndarray:
+        return t.detach().float().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float32)
+
     for width_in, width_out in widths:
         calls = bench_products.contenders(torch, dtype, (BATCH, SEQ), width_in, width_out)
-        as_numpy = lambda t: (
-            t.detach().float().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float32)
-        )  # noqa: E731
         ours_y, torch_y = calls["ours forward"](), calls["torch forward"]()
         np.testing.assert_allclose(as_numpy(ours_y), as_numpy(torch_y), rtol=tolerance, atol=tolerance * 0.1)
         (ours_dx, ours_dk), (torch_dx, torch_dw) = calls["ours backward"](), calls["torch backward"]()
