@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -44,7 +43,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.bench_vs_torch import SHAPES, race  # noqa: E402
+from bench.bench_vs_torch import SHAPES, keep_to_cores, race, torch_threads_as_xla  # noqa: E402
 from gaml_jax import model as model_lib  # noqa: E402
 
 # Flax's Dense contracts its input's last axis with the kernel's first.
@@ -143,12 +142,10 @@ def main() -> None:
     args.batch = args.batch or (8 if args.quick else 32)
     args.seq = args.seq or (32 if args.quick else 64)
     args.repeats = args.repeats or (3 if args.quick else 9)
-    if args.cores:  # before JAX starts its CPU client, which sizes its thread pool on the affinity
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
+    keep_to_cores(args.cores)
     import torch
 
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(threads)
+    threads = torch_threads_as_xla(torch)
     shape = SHAPES[args.shape]
     tokens = args.batch * args.seq
     print(

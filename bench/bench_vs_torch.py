@@ -338,6 +338,21 @@ def torch_forward(config: ModelConfig, side: TorchSide, batch: dict[str, np.ndar
 # --------------------------------------------------------------------------- timing
 
 
+def keep_to_cores(cores: int | None) -> None:
+    """Runs this process on its first ``cores`` cores only (all where None). Call it before JAX
+    starts its CPU client, which sizes its thread pool on the affinity."""
+    if cores:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+
+
+def torch_threads_as_xla(torch) -> int:
+    """Gives torch as many threads as XLA's CPU client runs (one per core this process may use),
+    and returns that number."""
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(threads)
+    return threads
+
+
 def race_order(names: list[str], repeats: int) -> list[list[str]]:
     """The timed rounds of :func:`race`: every contender once per round, each round in the reverse
     order of the one before (A B C, C B A, A B C, ...). A contender then follows a different one
@@ -429,15 +444,12 @@ def main() -> None:
     seq = args.seq or (32 if args.quick else 64)
     repeats = args.repeats or (3 if args.quick else 7)
 
-    if args.cores:  # before JAX starts its CPU client, which sizes its thread pool on the affinity
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
+    keep_to_cores(args.cores)
     # Before JAX starts; the process's allocator, so torch's step runs under it too.
     host_memory = keep_host_memory()
     import torch
 
-    # XLA's CPU client runs one thread per core it may use; give torch the same.
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(threads)
+    threads = torch_threads_as_xla(torch)
     torch.manual_seed(0)
     side = TorchSide(args.torch_dtype or args.dtype)
     config = ModelConfig(**SHAPES[args.shape], dtype=args.dtype)
