@@ -85,8 +85,9 @@ def flatten_by_group(
 
     Each tree (the updates, the parameters, and every extra argument such as ``kd_grads``) is
     cut into groups by ``group(path, leaf)`` and each group's leaves are concatenated, in tree
-    order, into one vector: ``{group: vector}``. ``inner`` sees that dict (its labels and masks
-    must be written for its keys), and its updates are cut back into the tree's shapes and dtypes.
+    order, into one vector: ``{group: vector}`` (a group of one leaf is that leaf raveled, no
+    copy). ``inner`` sees that dict (its labels and masks must be written for its keys), and its
+    updates are cut back into the tree's shapes and dtypes.
     The arithmetic is that of ``inner`` on the tree, element by element, with global reductions
     summed in another order. Why: every per-tensor operation of the chain (inner products, norms,
     the AdamW moments) is emitted once per group rather than once per tensor, which halves the
@@ -105,7 +106,10 @@ def flatten_by_group(
     def ravel(tree: PyTree) -> dict[str, jax.Array]:
         groups, leaves = layout(tree)
         return {
-            key: jnp.concatenate([jnp.ravel(leaves[i]) for i in indices]) for key, indices in groups.items()
+            key: jnp.ravel(leaves[indices[0]])
+            if len(indices) == 1
+            else jnp.concatenate([jnp.ravel(leaves[i]) for i in indices])
+            for key, indices in groups.items()
         }
 
     def unravel(vectors: dict[str, jax.Array], like: PyTree) -> PyTree:
@@ -114,7 +118,9 @@ def flatten_by_group(
         for key, indices in groups.items():
             sizes = [int(np.prod(leaves[i].shape)) for i in indices]
             starts = np.cumsum([0, *sizes[:-1]])
-            if sum(sizes) < 2**31:  # int32 offsets
+            if len(indices) == 1:
+                pieces = [vectors[key]]
+            elif sum(sizes) < 2**31:  # int32 offsets
                 # Each tensor's slice at an offset XLA sees only at run time: the updates of
                 # same-shaped tensors (a layer's and the next layer's) are one compiled kernel.
                 offsets = as_runtime_values(tuple(jnp.int32(o) for o in starts), vectors[key])
@@ -140,11 +146,21 @@ def flatten_by_group(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _group(path: tuple, leaf: jax.Array) -> str:
+# Leaves at least this large are "large": each is its own group of the flat optimizer and enters
+# _global_norm's sum on its own; the smaller ones (biases, LayerNorm scales, small exits) are
+# concatenated, a cheap copy that spares operations to compile (docs/performance.md).
+LARGE_LEAF_SIZE = 1 << 16
+
+
+def _group(path: tuple, leaf: jax.Array, own_group_size: int | None = LARGE_LEAF_SIZE) -> str:
     """The flat optimizer's groups: exit classifiers or encoder (their own learning rates), with or
-    without weight decay."""
+    without weight decay, as ``"encoder/decay"``; a leaf of ``own_group_size`` elements or more is
+    a group of its own, ``"encoder/decay/<its path>"``, so that no copy of it is made."""
     rate = "exits" if _is_exit_classifier(path) else "encoder"
-    return f"{rate}/{'decay' if _decays(path, leaf) else 'no_decay'}"
+    key = f"{rate}/{'decay' if _decays(path, leaf) else 'no_decay'}"
+    if own_group_size is not None and leaf.size >= own_group_size:
+        key += "/" + ".".join(str(getattr(p, "key", p)) for p in path)
+    return key
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
@@ -181,6 +197,7 @@ def make_optimizer(
     kd_weight: float = 1.0,
     per_tensor_alignment: bool = False,
     flat: bool | None = None,
+    own_group_size: int | None = LARGE_LEAF_SIZE,
 ) -> optax.GradientTransformationExtraArgs:
     """GA (for ``ml``/``gaml``), global-norm clipping, then AdamW with its own rate for the exits.
 
@@ -188,6 +205,10 @@ def make_optimizer(
     ``flat`` (default: unless ``per_tensor_alignment``) runs the chain on a few flat vectors
     (:func:`flatten_by_group`): the same updates, a compiled step half the size, and an optimizer
     state of one vector per group, so checkpoints of the two forms do not restore into each other.
+    The groups are the small tensors of each (exits | encoder, decay | no decay) pair concatenated,
+    and each tensor of ``own_group_size`` elements or more on its own (``None``: every tensor
+    concatenated, the form before; a step that copies all gradients and parameters each update,
+    4-5% slower on the CPU, docs/performance.md).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown training method {method!r}; choose one of {METHODS}.")
@@ -199,7 +220,7 @@ def make_optimizer(
 
     def decays(params: PyTree) -> PyTree:
         if flat:
-            return {key: key.endswith("/decay") for key in params}
+            return {key: key.split("/")[1] == "decay" for key in params}
         return jax.tree_util.tree_map_with_path(_decays, params)
 
     def adamw(peak: float) -> optax.GradientTransformation:
@@ -223,7 +244,8 @@ def make_optimizer(
         optax.multi_transform({"encoder": adamw(learning_rate), "exits": adamw(exit_learning_rate)}, labels)
     )
     chain = optax.chain(*links)
-    return flatten_by_group(chain, _group) if flat else chain
+    group = functools.partial(_group, own_group_size=own_group_size)
+    return flatten_by_group(chain, group) if flat else chain
 
 
 def create_train_state(params: PyTree, tx: optax.GradientTransformation) -> TrainState:
@@ -360,21 +382,16 @@ def train_step(
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-# Leaves at least this large enter _global_norm's sum one by one; the smaller ones (biases,
-# LayerNorm scales) are concatenated first, a cheap copy that spares a reduction each.
-_NORM_LEAF_SIZE = 1 << 16
-
-
 def _global_norm(tree: PyTree) -> jax.Array:
     """The float32 L2 norm of all leaves: each large leaf's sum of squares, added.
 
     Not the norm of all the leaves concatenated into one vector: XLA then writes that copy of the
     whole tree (every parameter or gradient, twice per step for the two metrics) before reading it
     again (35 ms of a 1.3 s one-core MiniLM step). The small leaves are concatenated (see
-    ``_NORM_LEAF_SIZE``): a reduction per leaf adds operations to compile (docs/performance.md)."""
+    ``LARGE_LEAF_SIZE``): a reduction per leaf adds operations to compile (docs/performance.md)."""
     leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)]
-    small = [x for x in leaves if x.size < _NORM_LEAF_SIZE]
-    large = [x for x in leaves if x.size >= _NORM_LEAF_SIZE]
+    small = [x for x in leaves if x.size < LARGE_LEAF_SIZE]
+    large = [x for x in leaves if x.size >= LARGE_LEAF_SIZE]
     if small:
         large.append(jnp.concatenate(small))
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in large))

@@ -131,3 +131,26 @@ def test_an_optimizer_state_of_another_layout_is_refused_in_one_line(tmp_path):
         np.testing.assert_array_equal(jax.tree.leaves(got)[0], jax.tree.leaves(params)[0])
     finally:
         ckpt.close()
+
+
+def test_the_flat_optimizer_state_with_tensors_of_their_own_restores_as_saved(tmp_path):
+    """The flat optimizer's groups of one large tensor are named after its path (dots and slashes
+    in a dict key): their moments come back from disk bit for bit, each with its own tensor's size."""
+    from gaml_jax.train_step import make_optimizer
+
+    params = _params(1)
+    kw = dict(method="gaml", total_steps=10, learning_rate=1e-3, exit_learning_rate=1e-3, warmup_steps=1)
+    tx = make_optimizer(own_group_size=300, **kw)  # the word embeddings and FFN kernels: 384 each
+    grads = jax.tree.map(lambda x: jnp.sin(3.0 * x), params)
+    _, opt_state = jax.jit(tx.update)(grads, tx.init(params), params, kd_grads=grads)
+    ckpt = Checkpointer(tmp_path)
+    try:
+        ckpt.save(1, params, opt_state)
+        _, got = ckpt.restore(1, params, tx.init(params))
+    finally:
+        ckpt.close()
+    own = [key for key in opt_state[2].inner_states["encoder"].inner_state[0].mu if key.count("/") > 1]
+    assert len(own) >= 3, own
+    assert jax.tree.structure(got) == jax.tree.structure(opt_state)
+    for want, have in zip(jax.tree.leaves(opt_state), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(have), np.asarray(want))

@@ -1,6 +1,7 @@
 """The GAML step: against a numpy projection of separately computed gradients, and N devices
 against one device on the same global batch."""
 
+import collections
 import functools
 from typing import Any, NamedTuple
 
@@ -15,6 +16,7 @@ from gaml_jax.config import ModelConfig
 from gaml_jax.losses import ce_loss, exit_weights, mutual_learning_loss
 from gaml_jax.model import MultiExitBert
 from gaml_jax.train_step import (
+    LARGE_LEAF_SIZE,
     create_train_state,
     data_mesh,
     make_optimizer,
@@ -354,13 +356,15 @@ def test_clipping_scales_by_the_global_norm_as_numpy_and_optax_do(max_norm):
             np.testing.assert_array_equal(g, x)  # untouched below the threshold
 
 
-def test_the_flat_optimizer_is_clipping_and_adamw_per_tensor_with_exit_rates_and_decay_masks():
-    """make_optimizer runs its chain on one vector per (exits | encoder, decay | no decay) group:
-    against per-leaf numpy AdamW over several steps, with weight decay on, the exits' own rate
-    and clipping that acts; and its state is a few vectors, not one entry per tensor."""
+@pytest.mark.parametrize("own_group_size", [LARGE_LEAF_SIZE, 1000, None])
+def test_the_flat_optimizer_is_clipping_and_adamw_per_tensor_with_exit_rates_and_decay_masks(own_group_size):
+    """make_optimizer runs its chain on one vector per (exits | encoder, decay | no decay) group,
+    each large tensor (own_group_size) a group of its own: against per-leaf numpy AdamW over
+    several steps, with weight decay on, the exits' own rate and clipping that acts; and its state
+    is a few vectors, a large tensor's moments of its own size, not one entry per tensor."""
     _, params = init_params()
     opt = dict(OPT, weight_decay=0.1, grad_clip_norm=0.5, learning_rate=1e-2, exit_learning_rate=5e-2)
-    tx = make_optimizer(method="ce", **opt)
+    tx = make_optimizer(method="ce", own_group_size=own_group_size, **opt)
     state = tx.init(params)
     rng = np.random.default_rng(0)
     grads_per_step = [
@@ -383,7 +387,11 @@ def test_the_flat_optimizer_is_clipping_and_adamw_per_tensor_with_exit_rates_and
     np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-5, atol=1e-6)
     assert np.abs(_flat(got) - _flat(params)).max() > 1e-2  # the steps really moved them
     arrays = [x for x in jax.tree.leaves(state) if x.ndim > 0]
-    assert len(arrays) == 2 * 4 and all(x.ndim == 1 for x in arrays)  # mu and nu of each group
+    sizes = [x.size for x in jax.tree.leaves(params)]
+    large = [n for n in sizes if own_group_size is not None and n >= own_group_size]
+    assert len(arrays) == 2 * (4 + len(large)) and all(x.ndim == 1 for x in arrays)  # mu, nu per group
+    assert not collections.Counter(large * 2) - collections.Counter(x.size for x in arrays)  # own moments
+    assert sum(x.size for x in arrays) == 2 * sum(sizes)
     # The tree form of the same chain (flat=False) takes the same steps.
     tree_tx = make_optimizer(method="ce", flat=False, **opt)
     tree_state, tree_got = tree_tx.init(params), params
