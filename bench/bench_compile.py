@@ -12,7 +12,9 @@ then runs the demo's ``eval.py --speedup 2`` on each run and adds its compile ti
 time (``trainer.COMPILE_AHEAD = False``, the form before programs were compiled ahead).
 
 ``--variants`` compiles the GAML train step of the model with its layers unrolled
-(the default), with the optimizer chain per tensor rather than on flat vectors (``tree-opt``:
+(the default), with every tensor concatenated into the flat optimizer's vectors (``all-flat``:
+``make_optimizer(own_group_size=None)``, the form before large tensors were groups of their own),
+with the optimizer chain per tensor rather than on flat vectors (``tree-opt``:
 ``make_optimizer(flat=False)``, the form before the flat one), with a kernel per tensor and
 layer (``per-tensor``: ``compilation.SHARE_KERNELS`` off, the form before kernels were shared by
 same-shaped tensors), scanned
@@ -238,9 +240,12 @@ def kernels_per_tensor():
         compilation.SHARE_KERNELS = original
 
 
-def compile_step(model, batch, rng, seq: int, compiler_options: dict | None = None, flat: bool = True):
-    """Traces and compiles the GAML step of ``model`` (its optimizer on flat vectors, the default,
-    or per tensor): (compiled, state, trace s, compile s, load s, ops)."""
+def compile_step(
+    model, batch, rng, seq: int, compiler_options: dict | None = None, optimizer: dict | None = None
+):
+    """Traces and compiles the GAML step of ``model`` (its optimizer as made by default, or with
+    ``make_optimizer``'s keyword arguments ``optimizer``): (compiled, state, trace s, compile s,
+    load s, ops)."""
     import jax
     import jax.numpy as jnp
     from jax.experimental.serialize_executable import deserialize_and_load, serialize
@@ -254,7 +259,7 @@ def compile_step(model, batch, rng, seq: int, compiler_options: dict | None = No
         learning_rate=2e-5,
         exit_learning_rate=2e-4,
         warmup_steps=10,
-        flat=flat,
+        **(optimizer or {}),
     )
     state = create_train_state(params, tx)
     step = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
@@ -295,17 +300,18 @@ def bench_variants(batch_size: int, seq: int, repeats: int) -> None:
     runs = {}
     ours = training_compiler_options()  # the trainer's: XLA:CPU's FAST_COMPILE preset
     unrolled, scanned = MultiExitBert(config), MultiExitBert(config.replace(scan_layers=True))
-    for name, model, context, options, flat in (
-        ("unrolled", unrolled, contextlib.nullcontext, ours, True),  # the default
-        ("tree-opt", unrolled, contextlib.nullcontext, ours, False),  # the optimizer per tensor
-        ("per-tensor", unrolled, kernels_per_tensor, ours, True),  # no kernels shared by shapes
-        ("scan", scanned, contextlib.nullcontext, ours, True),
-        ("scan+remat", scanned, remat_layers, ours, True),
-        ("xla-default", unrolled, contextlib.nullcontext, None, True),  # XLA's default options
+    for name, model, context, options, optimizer in (
+        ("unrolled", unrolled, contextlib.nullcontext, ours, None),  # the default
+        ("all-flat", unrolled, contextlib.nullcontext, ours, {"own_group_size": None}),  # no own groups
+        ("tree-opt", unrolled, contextlib.nullcontext, ours, {"flat": False}),  # the optimizer per tensor
+        ("per-tensor", unrolled, kernels_per_tensor, ours, None),  # no kernels shared by shapes
+        ("scan", scanned, contextlib.nullcontext, ours, None),
+        ("scan+remat", scanned, remat_layers, ours, None),
+        ("xla-default", unrolled, contextlib.nullcontext, None, None),  # XLA's default options
     ):
         with context():
             compiled, state, lowered_s, compile_s, load_s, ops = compile_step(
-                model, batch, rng, seq, options, flat=flat
+                model, batch, rng, seq, options, optimizer
             )
         print(f"{name:<12}{lowered_s:14.1f}{compile_s:11.1f}{load_s:8.1f}{ops:9d}", flush=True)
         holder = {"state": state}

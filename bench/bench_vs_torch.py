@@ -126,6 +126,10 @@ VARIANTS = {
     "rbg": ("dropout bits from XLA's RngBitGenerator (key impl 'rbg')", {"rng_impl": "rbg"}),
     "unsafe_rbg": ("dropout bits from RngBitGenerator, keys split unsafely", {"rng_impl": "unsafe_rbg"}),
     "tree": ("the optimizer per tensor, not on flat vectors", {"optimizer": {"flat": False}}),
+    "all-flat": (
+        "the optimizer's large tensors concatenated too (own_group_size=None), not each on its own",
+        {"optimizer": {"own_group_size": None}},
+    ),
     "vmap": ("GAML's two pull-backs batched (grad_mode='vmap')", {"grad_mode": "vmap"}),
     "eigen-dw": (
         "kernel gradients as XLA forms them, contracting the tokens (model.TRANSPOSED_WEIGHT_GRADIENTS off)",

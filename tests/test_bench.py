@@ -30,20 +30,23 @@ def test_compile_variants_take_the_same_gaml_step():
     rng = jax.random.key(0)
     unrolled, scanned = MultiExitBert(TINY), MultiExitBert(TINY.replace(scan_layers=True))
     metrics = {}
-    for name, model, context, flat in (
-        ("unrolled", unrolled, contextlib.nullcontext, True),
-        ("tree-opt", unrolled, contextlib.nullcontext, False),
-        ("per-tensor", unrolled, bench_compile.kernels_per_tensor, True),
-        ("scan", scanned, contextlib.nullcontext, True),
-        ("scan+remat", scanned, bench_compile.remat_layers, True),
+    for name, model, context, optimizer in (
+        ("unrolled", unrolled, contextlib.nullcontext, None),
+        ("own-groups", unrolled, contextlib.nullcontext, {"own_group_size": 500}),  # TINY's are smaller
+        ("tree-opt", unrolled, contextlib.nullcontext, {"flat": False}),
+        ("per-tensor", unrolled, bench_compile.kernels_per_tensor, None),
+        ("scan", scanned, contextlib.nullcontext, None),
+        ("scan+remat", scanned, bench_compile.remat_layers, None),
     ):
         with context():
-            compiled, state, _, _, _, ops = bench_compile.compile_step(model, batch, rng, SEQ, flat=flat)
+            compiled, state, _, _, _, ops = bench_compile.compile_step(
+                model, batch, rng, SEQ, optimizer=optimizer
+            )
         assert ops > 0
         _, metrics[name] = jax.device_get(compiled(state, batch, rng))
     # Dropout is on in the step: the same keys per layer in every form, so the same losses and
     # gradient norms (float32 sums in other orders aside).
-    for name in ("tree-opt", "per-tensor", "scan", "scan+remat"):
+    for name in ("own-groups", "tree-opt", "per-tensor", "scan", "scan+remat"):
         for key in ("ce", "kd", "grad_norm_ce"):
             np.testing.assert_allclose(metrics[name][key], metrics["unrolled"][key], rtol=1e-5, err_msg=name)
 
@@ -76,7 +79,13 @@ def test_step_variants_take_the_same_step_but_for_what_they_change():
         return [jax.device_get(run()) for _ in range(2)]
 
     base = two_steps()
-    for name in ("tree", "xla:xla_cpu_use_xnnpack=false", "f32-stream", "eigen-dw"):  # TINY is float32
+    for name in (
+        "tree",
+        "all-flat",
+        "xla:xla_cpu_use_xnnpack=false",
+        "f32-stream",
+        "eigen-dw",
+    ):  # TINY: float32
         for ours, theirs in zip(two_steps(**bench_vs_torch.variant_options(name)), base, strict=True):
             for key in ("ce", "kd", "grad_norm_ce"):
                 np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, err_msg=f"{name} {key}")
