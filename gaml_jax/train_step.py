@@ -97,11 +97,7 @@ def flatten_by_group(
     """
 
     def layout(tree: PyTree) -> tuple[dict[str, list[int]], list]:
-        with_paths, _ = jax.tree_util.tree_flatten_with_path(tree)
-        groups: dict[str, list[int]] = {}
-        for i, (path, leaf) in enumerate(with_paths):
-            groups.setdefault(group(path, leaf), []).append(i)
-        return groups, [leaf for _, leaf in with_paths]
+        return _layout(tree, group)
 
     def ravel(tree: PyTree) -> dict[str, jax.Array]:
         groups, leaves = layout(tree)
@@ -152,6 +148,15 @@ def flatten_by_group(
 LARGE_LEAF_SIZE = 1 << 16
 
 
+def _layout(tree: PyTree, group: Callable[[tuple, jax.Array], str]) -> tuple[dict[str, list[int]], list]:
+    """``({group: indices of its leaves, in tree order}, leaves)``."""
+    with_paths, _ = jax.tree_util.tree_flatten_with_path(tree)
+    groups: dict[str, list[int]] = {}
+    for i, (path, leaf) in enumerate(with_paths):
+        groups.setdefault(group(path, leaf), []).append(i)
+    return groups, [leaf for _, leaf in with_paths]
+
+
 def _group(path: tuple, leaf: jax.Array, own_group_size: int | None = LARGE_LEAF_SIZE) -> str:
     """The flat optimizer's groups: exit classifiers or encoder (their own learning rates), with or
     without weight decay, as ``"encoder/decay"``; a leaf of ``own_group_size`` elements or more is
@@ -161,6 +166,48 @@ def _group(path: tuple, leaf: jax.Array, own_group_size: int | None = LARGE_LEAF
     if own_group_size is not None and leaf.size >= own_group_size:
         key += "/" + ".".join(str(getattr(p, "key", p)) for p in path)
     return key
+
+
+def regroup_flat_state(state: optax.OptState, params: PyTree, template: optax.OptState) -> optax.OptState:
+    """The flat optimizer's ``state`` (of :func:`make_optimizer` on ``params``) laid out as
+    ``template``, a state of the same chain with the tensors grouped otherwise (e.g. with another
+    ``own_group_size``): each tensor's slice of each moment vector moved to its group in
+    ``template``, the same numbers; steps counts and the other leaves as ``state`` holds them.
+
+    Each layout is read from its vectors' keys (a tensor whose own key is among them is a group of
+    its own). Resumes a run saved before the large tensors were groups of their own.
+    """
+    with_paths, _ = jax.tree_util.tree_flatten_with_path(params)
+    sizes = [int(np.prod(leaf.shape)) for _, leaf in with_paths]
+
+    def layout_of(keys: set) -> dict[str, list[int]]:
+        def group(path, leaf):
+            own = _group(path, leaf, own_group_size=0)
+            return own if own in keys else _group(path, leaf, own_group_size=None)
+
+        return _layout(params, group)[0]
+
+    def is_vectors(x) -> bool:  # a {group: vector} dict of the template (the AdamW moments)
+        return isinstance(x, dict) and bool(x) and all(isinstance(k, str) and "/" in k for k in x)
+
+    def move(new, old):
+        if not is_vectors(new):
+            return old
+        pieces = {}
+        for key, indices in layout_of(set(old)).items():
+            if isinstance(old[key], optax.MaskedNode):  # another learning rate's tensors
+                continue
+            starts = np.cumsum([0, *(sizes[i] for i in indices)])
+            for i, start, end in zip(indices, starts[:-1], starts[1:], strict=True):
+                pieces[i] = old[key][start:end]
+        return {
+            key: new[key]
+            if isinstance(new[key], optax.MaskedNode)
+            else jnp.concatenate([pieces[i] for i in indices])
+            for key, indices in layout_of(set(new)).items()
+        }
+
+    return jax.tree.map(move, template, state, is_leaf=is_vectors)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:

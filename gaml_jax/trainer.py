@@ -42,6 +42,7 @@ from gaml_jax.train_step import (
     make_optimizer,
     pmap_replicate,
     pmap_step,
+    regroup_flat_state,
     replicate,
     shard_batch,
     shard_map_step,
@@ -136,6 +137,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "train.parallel='pmap' maps over one host's devices only; multi-host runs need "
             "--config.train.parallel=shard_map."
         )
+
+
+def _restore_all_flat(ckpt: Checkpointer, step: int, state: TrainState, optimizer: dict) -> tuple | None:
+    """``(params, opt_state)`` of a checkpoint whose flat optimizer state has every tensor
+    concatenated (gaml-jax before 2026-12-06, when large tensors became groups of their own),
+    regrouped as this code's optimizer lays it out; None if the checkpoint is not of that form."""
+    if optimizer["per_tensor_alignment"]:  # the tree form: its layout has not changed
+        return None
+    saved = jax.eval_shape(make_optimizer(**optimizer, own_group_size=None).init, state.params)
+    try:
+        params, opt_state = ckpt.restore(step, state.params, saved)
+    except LayoutError:
+        return None
+    if jax.process_index() == 0:
+        print(f"The optimizer state at step {step} is laid out as before 2026-12-06: regrouped to resume.")
+    return params, regroup_flat_state(opt_state, params, state.opt_state)
 
 
 def _flat_items(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -325,7 +342,7 @@ def train_and_evaluate(
         dtype=resolve_dtype(config.model.dtype),
         **overrides,
     )
-    tx = make_optimizer(
+    optimizer = dict(
         method=t.method,
         total_steps=total_steps,
         learning_rate=t.learning_rate,
@@ -336,6 +353,7 @@ def train_and_evaluate(
         kd_weight=t.kd_weight,
         per_tensor_alignment=t.per_tensor_alignment,
     )
+    tx = make_optimizer(**optimizer)
     state = create_train_state(params, tx)
     # The rate of update s is schedule(s - 1) (optax counts from 0). Tabulated once, before the
     # loop, with the optimizer's own schedule (one compiled program): logging never waits on it.
@@ -352,10 +370,13 @@ def train_and_evaluate(
         try:
             params, opt_state = ckpt.restore(start_step, state.params, state.opt_state)
         except LayoutError as error:  # e.g. a run saved before the optimizer state went flat
-            raise ConfigError(
-                f"{error}: it was written by another version of gaml-jax and cannot resume; train in a "
-                "new --workdir (eval.py and predict.py still read its parameters)."
-            ) from None
+            restored = _restore_all_flat(ckpt, start_step, state, optimizer)
+            if restored is None:
+                raise ConfigError(
+                    f"{error}: it was written by another version of gaml-jax and cannot resume; train in "
+                    "a new --workdir (eval.py and predict.py still read its parameters)."
+                ) from None
+            params, opt_state = restored
         state = TrainState(step=np.int32(start_step), params=params, opt_state=opt_state)
         if jax.process_index() == 0:
             if rewrite_config:  # allowed changes: config.json describes the run as it goes on

@@ -289,6 +289,32 @@ def test_a_run_saved_with_another_optimizer_layout_is_refused_in_one_line(
     assert (tmp_path / "run" / "config.json").read_text() == saved
 
 
+def test_a_run_saved_with_every_tensor_concatenated_resumes_with_tensors_of_their_own(
+    tiny_assets, tmp_path, monkeypatch, capsys
+):
+    """A run saved before large tensors were groups of their own in the flat optimizer (every
+    tensor concatenated) resumes under this version: its state regrouped, one line says so, and
+    the run ends where an uninterrupted run of the new layout ends."""
+    real = trainer.make_optimizer
+    config = tiny.train_config(*tiny_assets, num_train_steps=6)
+    # The tiny model's tensors are all small: a lower threshold gives it groups of one tensor.
+    monkeypatch.setattr(trainer, "make_optimizer", lambda **kw: real(**{"own_group_size": 500, **kw}))
+    whole = tmp_path / "whole"
+    train_and_evaluate(config, str(whole))
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(trainer, "make_optimizer", lambda **kw: real(**{**kw, "own_group_size": None}))
+    train_and_evaluate(config, str(killed), stop_after_step=3)
+    monkeypatch.setattr(trainer, "make_optimizer", lambda **kw: real(**{"own_group_size": 500, **kw}))
+    capsys.readouterr()
+    train_and_evaluate(config, str(killed))
+    assert "laid out as before 2026-12-06: regrouped to resume" in capsys.readouterr().out
+    got, want = _params_at(killed, 6), _params_at(whole, 6)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    start = _params_at(whole, 2)
+    assert np.abs(start["classifier_0"]["kernel"] - want["classifier_0"]["kernel"]).max() > 1e-4
+
+
 def test_pmap_trains_what_shard_map_trains(finished_run, tmp_path, monkeypatch):
     make_config, workdir, results = finished_run
     config = make_config()
