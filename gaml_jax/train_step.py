@@ -172,7 +172,7 @@ def regroup_flat_state(state: optax.OptState, params: PyTree, template: optax.Op
     """The flat optimizer's ``state`` (of :func:`make_optimizer` on ``params``) laid out as
     ``template``, a state of the same chain with the tensors grouped otherwise (e.g. with another
     ``own_group_size``): each tensor's slice of each moment vector moved to its group in
-    ``template``, the same numbers; steps counts and the other leaves as ``state`` holds them.
+    ``template``, the same numbers; step counts and the other leaves as ``state`` holds them.
 
     Each layout is read from its vectors' keys (a tensor whose own key is among them is a group of
     its own). Resumes a run saved before the large tensors were groups of their own.
@@ -255,7 +255,7 @@ def make_optimizer(
     The groups are the small tensors of each (exits | encoder, decay | no decay) pair concatenated,
     and each tensor of ``own_group_size`` elements or more on its own (``None``: every tensor
     concatenated, the form before; a step that copies all gradients and parameters each update,
-    4-5% slower on the CPU, docs/performance.md).
+    2-5% slower on the CPU, docs/performance.md).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown training method {method!r}; choose one of {METHODS}.")
