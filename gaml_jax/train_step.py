@@ -255,7 +255,7 @@ def make_optimizer(
     The groups are the small tensors of each (exits | encoder, decay | no decay) pair concatenated,
     and each tensor of ``own_group_size`` elements or more on its own (``None``: every tensor
     concatenated, the form before; a step that copies all gradients and parameters each update,
-    2-5% slower on the CPU, docs/performance.md).
+    2-6% slower on the CPU, docs/performance.md).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown training method {method!r}; choose one of {METHODS}.")
