@@ -43,7 +43,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.bench_vs_torch import SHAPES, keep_to_cores, race, torch_threads_as_xla  # noqa: E402
+from bench.bench_vs_torch import (  # noqa: E402
+    SHAPES,
+    add_race_arguments,
+    keep_to_cores,
+    race,
+    race_sizes,
+    torch_threads_as_xla,
+)
 from gaml_jax import model as model_lib  # noqa: E402
 
 # Flax's Dense contracts its input's last axis with the kernel's first.
@@ -131,17 +138,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--shape", default="minilm", choices=sorted(SHAPES))
-    parser.add_argument("--quick", action="store_true", help="Batch 8 x seq 32, 3 repeats.")
-    parser.add_argument("--batch", type=int, default=None, help="Batch (default 32; 8 with --quick).")
-    parser.add_argument("--seq", type=int, default=None, help="Sequence length (default 64; 32 quick).")
-    parser.add_argument("--repeats", type=int, default=None, help="Timed bursts (default 9; 3 quick).")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Compute dtype.")
-    parser.add_argument("--cores", type=int, default=None, help="Run on this many cores only (both sides).")
-    args = parser.parse_args()
-    args.batch = args.batch or (8 if args.quick else 32)
-    args.seq = args.seq or (32 if args.quick else 64)
-    args.repeats = args.repeats or (3 if args.quick else 9)
+    add_race_arguments(parser, repeats=9, timed="Timed bursts")
+    args = race_sizes(parser.parse_args())
     keep_to_cores(args.cores)
     import torch
 

@@ -357,6 +357,31 @@ def torch_threads_as_xla(torch) -> int:
     return threads
 
 
+def add_race_arguments(
+    parser: argparse.ArgumentParser, repeats: int, timed: str = "Timed calls of each"
+) -> None:
+    """The arguments of a race of ours against PyTorch's on a model shape: --shape, --quick,
+    --batch, --seq, --repeats (``repeats`` by default; ``timed`` says what is repeated), --dtype,
+    --cores. :func:`race_sizes` fills in the sizes left out."""
+    parser.add_argument("--shape", default="minilm", choices=sorted(SHAPES))
+    parser.add_argument("--quick", action="store_true", help="Batch 8 x seq 32, 3 repeats.")
+    parser.add_argument("--batch", type=int, default=None, help="Batch (default 32; 8 with --quick).")
+    parser.add_argument("--seq", type=int, default=None, help="Sequence length (default 64; 32 quick).")
+    parser.add_argument("--repeats", type=int, default=None, help=f"{timed} (default {repeats}; 3 quick).")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Compute dtype.")
+    parser.add_argument("--cores", type=int, default=None, help="Run on this many cores only (both sides).")
+    parser.set_defaults(default_repeats=repeats)
+
+
+def race_sizes(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` of :func:`add_race_arguments` with --batch, --seq and --repeats filled in where
+    left out (smaller under --quick)."""
+    args.batch = args.batch or (8 if args.quick else 32)
+    args.seq = args.seq or (32 if args.quick else 64)
+    args.repeats = args.repeats or (3 if args.quick else args.default_repeats)
+    return args
+
+
 def race_order(names: list[str], repeats: int) -> list[list[str]]:
     """The timed rounds of :func:`race`: every contender once per round, each round in the reverse
     order of the one before (A B C, C B A, A B C, ...). A contender then follows a different one
@@ -421,13 +446,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--shape", default="minilm", choices=sorted(SHAPES))
-    parser.add_argument("--quick", action="store_true", help="Batch 8 x seq 32, 3 repeats.")
-    parser.add_argument("--batch", type=int, default=None, help="Train batch (default 32; 8 with --quick).")
-    parser.add_argument("--seq", type=int, default=None, help="Train sequence length (default 64; 32 quick).")
-    parser.add_argument("--repeats", type=int, default=None, help="Timed calls of each (default 7; 3 quick).")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Compute dtype.")
-    parser.add_argument("--cores", type=int, default=None, help="Run on this many cores only (both sides).")
+    add_race_arguments(parser, repeats=7)
     parser.add_argument("--no-gaml", action="store_true", help="Skip our GAML step.")
     parser.add_argument("--no-forward", action="store_true", help="Skip the forward comparison.")
     parser.add_argument(
@@ -443,10 +462,8 @@ def main() -> None:
         choices=["float32", "bfloat16"],
         help="PyTorch's compute dtype, if not --dtype: ours in bfloat16 against its float32 step, say.",
     )
-    args = parser.parse_args()
-    batch_size = args.batch or (8 if args.quick else 32)
-    seq = args.seq or (32 if args.quick else 64)
-    repeats = args.repeats or (3 if args.quick else 7)
+    args = race_sizes(parser.parse_args())
+    batch_size, seq, repeats = args.batch, args.seq, args.repeats
 
     keep_to_cores(args.cores)
     # Before JAX starts; the process's allocator, so torch's step runs under it too.
