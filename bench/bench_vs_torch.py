@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
 import statistics
 import sys
@@ -50,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gaml_jax import model as model_lib  # noqa: E402
-from gaml_jax.compilation import training_compiler_options  # noqa: E402
+from gaml_jax.compilation import CompiledAhead, compile_ahead, training_compiler_options  # noqa: E402
 from gaml_jax.config import ModelConfig  # noqa: E402
 from gaml_jax.host_memory import keep_host_memory  # noqa: E402
 from gaml_jax.losses import exit_weights  # noqa: E402
@@ -193,27 +192,57 @@ def jax_step(
     model = MultiExitBert(config.replace(**(model_options or {})))
     tx = bench_optimizer(method, **(optimizer or {}))
     state = create_train_state(jax.tree.map(jnp.copy, params), tx)  # the step donates its state
-    step = jax.jit(  # with the trainer's XLA options
-        functools.partial(train_step, model=model, tx=tx, grad_mode=grad_mode),
-        donate_argnums=0,
-        compiler_options={**(training_compiler_options() or {}), **(compiler_options or {})} or None,
+    switches = {
+        "TRANSPOSED_WEIGHT_GRADIENTS": transposed_weight_gradients,
+        "NATIVE_BF16_PRODUCTS": native_bf16_products,
+        "CLS_ONLY_LAST_LAYER": cls_only_last_layer,
+        "TRANSPOSES_BY_COPY": transposes_by_copy,
+    }
+
+    def step_fn(state, batch, rng):
+        # The model reads these switches while the step is traced: the variant's, wherever and
+        # whenever that happens (compile_contenders traces the steps one after the other).
+        with contextlib.ExitStack() as stack:
+            for name, value in switches.items():
+                stack.enter_context(_switched(model_lib, name, value))
+            return train_step(state, batch, rng, model=model, tx=tx, grad_mode=grad_mode)
+
+    step = CompiledAhead(  # with the trainer's XLA options
+        jax.jit(
+            step_fn,
+            donate_argnums=0,
+            compiler_options={**(training_compiler_options() or {}), **(compiler_options or {})} or None,
+        ),
+        key=lambda *args: "step",
     )
     # The trainer's dropout stream, unless a variant draws its bits otherwise.
     rng = dropout_key(0) if rng_impl is None else jax.random.key(0, impl=rng_impl)
     holder = {"state": state}
 
     def run():
-        # The model reads the switch while the step is traced, at the first call.
-        with (
-            _switched(model_lib, "TRANSPOSED_WEIGHT_GRADIENTS", transposed_weight_gradients),
-            _switched(model_lib, "NATIVE_BF16_PRODUCTS", native_bf16_products),
-            _switched(model_lib, "CLS_ONLY_LAST_LAYER", cls_only_last_layer),
-            _switched(model_lib, "TRANSPOSES_BY_COPY", transposes_by_copy),
-        ):
-            holder["state"], metrics = step(holder["state"], batch, rng)
+        holder["state"], metrics = step(holder["state"], batch, rng)
         return jax.block_until_ready(metrics)
 
+    run.ahead = (step, (state, batch, rng))  # what compile_contenders compiles
     return run
+
+
+def compile_contenders(contenders: dict[str, Callable[[], None]]) -> None:
+    """Compiles our steps among ``contenders`` before the race, several at once
+    (``compilation.compile_ahead``: traced one after the other, compiled on a pool of threads, one
+    per core this process may run on), and prints how long that took. On a GPU host, where each
+    BERT-base step compiled for 30-45 s one after the other, and the host has many cores, that
+    was most of a lent machine's minutes."""
+    jobs = [run.ahead for run in contenders.values() if hasattr(run, "ahead")]
+    if not jobs:
+        return
+    workers = min(len(jobs), max(2, len(os.sched_getaffinity(0))))
+    start = time.perf_counter()
+    compile_ahead(jobs, workers=workers)
+    print(
+        f"  compiled our {len(jobs)} steps in {time.perf_counter() - start:.1f} s, {workers} at a time",
+        flush=True,
+    )
 
 
 @contextlib.contextmanager
@@ -506,6 +535,7 @@ def main() -> None:
                 contenders[f"ours GAML {name}"] = jax_step(
                     config, params, "gaml", device_batch, **variant_options(name)
                 )
+    compile_contenders(contenders)
     seconds = race(contenders, repeats)
 
     # Each contender's FLOPs as it computes them: ours skips the last layer's other rows.

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from bench import bench_compile, bench_vs_torch
+from gaml_jax import model as model_lib
 from gaml_jax.config import ModelConfig
 from gaml_jax.model import MultiExitBert
 
@@ -93,6 +94,34 @@ def test_step_variants_take_the_same_step_but_for_what_they_change():
     rbg = two_steps(**bench_vs_torch.variant_options("rbg"))
     assert rbg[0]["ce"] != base[0]["ce"]
     np.testing.assert_allclose(rbg[0]["ce"], base[0]["ce"], rtol=0.2)
+
+
+def test_steps_compiled_ahead_are_the_steps_each_variant_traces():
+    """``compile_contenders`` compiles the steps before the race, several at once: each program is
+    traced with its own variant's model switches (the last layer for every row here, a program of
+    its own), leaves the module's switches as they were, and takes the same steps as the step
+    compiled at its first call."""
+    batch = jax.device_put(bench_vs_torch.make_batch(BATCH, SEQ, TINY.vocab_size))
+    params = MultiExitBert(TINY).init(jax.random.key(0), batch["input_ids"])["params"]
+    switch = model_lib.CLS_ONLY_LAST_LAYER
+
+    def contenders():
+        return {
+            name: bench_vs_torch.jax_step(TINY, params, "ce", batch, **options)
+            for name, options in (("base", {}), ("all-rows", bench_vs_torch.variant_options("all-rows-last")))
+        }
+
+    ahead, lazy = contenders(), contenders()
+    bench_vs_torch.compile_contenders({**ahead, "not ours": lambda: None})
+    assert model_lib.CLS_ONLY_LAST_LAYER == switch
+    programs = {name: run.ahead[0].programs["step"] for name, run in ahead.items()}
+    assert programs["base"].as_text() != programs["all-rows"].as_text()
+    for name in ahead:
+        for _ in range(2):
+            ours, theirs = jax.device_get(ahead[name]()), jax.device_get(lazy[name]())
+            for key in ("ce", "grad_norm_ce"):
+                np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-6, err_msg=f"{name} {key}")
+    assert model_lib.CLS_ONLY_LAST_LAYER == switch
 
 
 def test_race_alternates_and_reverses_its_rounds():
