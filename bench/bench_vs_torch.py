@@ -236,7 +236,7 @@ def compile_contenders(contenders: dict[str, Callable[[], None]]) -> None:
     jobs = [run.ahead for run in contenders.values() if hasattr(run, "ahead")]
     if not jobs:
         return
-    workers = min(len(jobs), max(2, len(os.sched_getaffinity(0))))
+    workers = min(len(jobs), max(2, usable_cores()))
     start = time.perf_counter()
     compile_ahead(jobs, workers=workers)
     print(
@@ -378,10 +378,15 @@ def keep_to_cores(cores: int | None) -> None:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
 
 
+def usable_cores() -> int:
+    """How many cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def torch_threads_as_xla(torch) -> int:
     """Gives torch as many threads as XLA's CPU client runs (one per core this process may use),
     and returns that number."""
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = usable_cores()
     torch.set_num_threads(threads)
     return threads
 
