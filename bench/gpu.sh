@@ -8,7 +8,8 @@
 # A loan is 15 minutes of device time in all, the machine's start (a minute or more) included, and
 # one command runs for at most 10 minutes: the parts run in the order of what issue #13 asks
 # first, each within its own limit and within what is left of $GPU_BUDGET (default 540 s: call
-# the device tool with timeout_s 590), and a part that no longer fits is reported as skipped.
+# the device tool with timeout_s 590). A part that no longer fits is reported as skipped, one that
+# fails or runs out of time is reported and the next one runs; where JAX sees no GPU it stops at once.
 # The issue's figures (train, exit, exit-torch) come first:
 #
 # train:      training throughput at BERT-base, batch 128 x seq 128, bfloat16 compute with float32
@@ -60,6 +61,7 @@ if [[ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]]; then
   JAX_COMPILATION_CACHE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/gaml-gpu-xla.XXXXXX") && cache_made=1
   export JAX_COMPILATION_CACHE_DIR
 fi
+trap '[[ -z $cache_made ]] || rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
 log=/dev/null
 if [[ -n "${OUT:-}" ]]; then mkdir -p "$OUT" && log="$OUT/gpu.log"; fi
 
@@ -86,15 +88,19 @@ run() {  # run NAME SECONDS CMD...: runs CMD for at most SECONDS and what is lef
   if ((rc != 0)); then
     failed=$((failed + 1))
     if ((rc == 124)); then what="ran past its ${limit} s"; else what="exited with $rc"; fi
-    echo "!! $name $what; going on with the next" | tee -a "$log"
+    echo "!! $name $what" | tee -a "$log"
   fi
+  return "$rc"
 }
 
 if [[ $mode == gpu ]]; then
   # JAX takes 75% of the GPU's memory at start by default; leave PyTorch, in the same process, room.
   export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
-  run versions 60 "$PYTHON" -c "import jax, flax, optax, torch, transformers; d = jax.devices()[0]; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, d.device_kind, '| torch', torch.__version__, torch.cuda.is_available(), '| transformers', transformers.__version__); assert d.platform == 'gpu', 'JAX sees no GPU: ' + str(d)"
+  run versions 60 "$PYTHON" -c "import jax, flax, optax, torch, transformers; d = jax.devices()[0]; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, d.device_kind, '| torch', torch.__version__, torch.cuda.is_available(), '| transformers', transformers.__version__); assert d.platform == 'gpu', 'JAX sees no GPU: ' + str(d)" || {
+    echo "!! stopping: without JAX on the GPU the other parts would time the CPU" | tee -a "$log"
+    exit 1
+  }
   vs=(bench/bench_vs_torch.py --shape bert-base --seq 128 --dtype bfloat16 --batch 128 --no-forward --repeats 10)
   variants=all-rows-last,rbg,tree,f32-stream,xla:xla_gpu_enable_triton_gemm=false,vmap
   ee=(-m bench.bench_early_exit --shapes=bert-base --seq-len 128 --examples 64 --repeats 3 --dtype bfloat16)
@@ -130,6 +136,5 @@ for part in "${ALL_PARTS[@]}"; do
         run graphs "$(limit graphs)" "$PYTHON" "${ee[@]}" --one-program ;;
   esac
 done
-[[ -n $cache_made ]] && rm -rf "$JAX_COMPILATION_CACHE_DIR"
 echo "parts failed: $failed; skipped: ${skipped[*]:-none}; $((SECONDS - start)) s in all" | tee -a "$log"
 exit $((failed > 0))
