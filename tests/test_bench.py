@@ -1,10 +1,15 @@
 """The benchmark scripts still run against the library (tiny shapes). Their timings are not
 tested; what is: the compile-time variants build the same GAML step (scanned, unrolled, remat),
-and both sides of the PyTorch comparison take a step."""
+both sides of the PyTorch comparison take a step, and bench/gpu.sh runs its parts in order within
+its budget (python stubbed)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import subprocess
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -178,3 +183,62 @@ def test_products_bench_races_the_same_products_on_both_sides(dtype):
             np.testing.assert_allclose(
                 as_numpy(ours), as_numpy(theirs), rtol=tolerance, atol=tolerance * scale
             )
+
+
+# ------------------------------------------------------------------ bench/gpu.sh's control flow
+
+GPU_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu.sh"
+STUB = """#!/bin/sh
+# Stands in for python: says what it was asked to run; fails where $STUB_FAIL is in its arguments.
+echo "stub $*"
+case "$*" in *"$STUB_FAIL"*) exit 3 ;; esac
+"""
+
+
+def _gpu_sh(tmp_path, *args, fail="no such argument", budget=None):
+    stub = tmp_path / "python"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "STUB_FAIL": fail, "TMPDIR": str(tmp_path)}
+    env.pop("GPU_BUDGET", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    if budget is not None:
+        env["GPU_BUDGET"] = str(budget)
+    done = subprocess.run(["bash", str(GPU_SCRIPT), *args], env=env, capture_output=True, text=True)
+    started = re.findall(r"^\+ \[([a-z-]+), at", done.stdout, re.M)
+    return done, started
+
+
+def test_gpu_script_runs_its_parts_in_order_within_its_budget(tmp_path):
+    """``bench/gpu.sh`` (one call of a lent GPU): the parts run in the issue's order, whatever order
+    they are named in; a failing part is reported and the next one runs; a part that no longer
+    fits the budget is skipped, and the last line names both; the cache folder it made is gone."""
+    done, started = _gpu_sh(tmp_path, "--cpu")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert started == ["train", "exit", "exit-torch", "variants", "profile", "checks"]
+    assert "--variants all-rows-last" in done.stdout and "--torch-only" in done.stdout
+    assert done.stdout.splitlines()[-1].startswith("parts failed: 0; skipped: graphs;")
+
+    done, started = _gpu_sh(tmp_path, "--cpu", "checks", "exit", "train")
+    assert started == ["train", "exit", "checks"]
+
+    done, started = _gpu_sh(tmp_path, "--cpu", "train", "exit", "checks", fail="bench_early_exit")
+    assert done.returncode == 1
+    assert started == ["train", "exit", "checks"]
+    assert "!! exit exited with 3" in done.stdout
+    assert done.stdout.splitlines()[-1].startswith("parts failed: 1; skipped: none;")
+
+    done, started = _gpu_sh(tmp_path, "--cpu", "train", "exit", budget=20)
+    assert done.returncode == 0 and started == []
+    assert done.stdout.splitlines()[-1].startswith("parts failed: 0; skipped: train exit;")
+    assert not list(tmp_path.glob("gaml-gpu-xla.*"))
+
+
+def test_gpu_script_stops_where_jax_sees_no_gpu(tmp_path):
+    """On the GPU path, a failed version check (JAX without its GPU) stops the script before any
+    part, rather than timing the CPU for the rest of the loan; an unknown part is a usage error."""
+    done, started = _gpu_sh(tmp_path, fail="import jax")
+    assert done.returncode == 1 and started == ["versions"]
+    assert "stopping: without JAX on the GPU" in done.stdout
+    done, _ = _gpu_sh(tmp_path, "--cpu", "trian")
+    assert done.returncode == 2 and "usage: bash bench/gpu.sh" in done.stderr
