@@ -144,6 +144,7 @@ def compile_ahead(
     *,
     workers: int | None = None,
     progress: Callable[[], None] | None = None,
+    on_error: Callable[[CompiledAhead, Exception], None] | None = None,
 ) -> None:
     """Compiles each ``(function, example arguments)`` of ``jobs``, several at once, and keeps the
     programs in their functions (:class:`CompiledAhead`), for calls with the same key.
@@ -152,13 +153,15 @@ def compile_ahead(
     compiled on a pool of ``workers`` threads (``AHEAD_WORKERS`` if None) while the next one is
     lowered. Jobs whose key already has a program, or repeats an earlier job's, are skipped. A
     program found in the persistent cache is loaded from it instead, as by jit. Returns when every
-    program is ready; a compilation's error is raised here.
+    program is ready; a compilation's error is raised here, or, with ``on_error``, passed to it
+    while the other programs go on (that function then compiles at its first call, as jit does).
 
     Args:
       jobs: (function, example arguments): arrays or ``jax.ShapeDtypeStruct``, with the shardings
         of the calls to come; a donated argument is not consumed.
       workers: how many programs compile at once.
       progress: called once per program ready (a progress bar's update, say).
+      on_error: called with the function and the exception of each compilation that fails.
     """
     todo, keys = [], set()
     for fn, args in jobs:
@@ -179,4 +182,9 @@ def compile_ahead(
     with ThreadPoolExecutor(max_workers=min(workers, len(todo)), thread_name_prefix="compile") as pool:
         futures = [(fn, key, pool.submit(compile_one, fn.fn.lower(*args))) for fn, key, args in todo]
         for fn, key, future in futures:
-            fn.programs[key] = future.result()
+            try:
+                fn.programs[key] = future.result()
+            except Exception as error:
+                if on_error is None:
+                    raise
+                on_error(fn, error)

@@ -278,7 +278,8 @@ def test_the_train_step_with_shared_kernels_takes_the_same_steps(monkeypatch):
 def test_programs_compiled_ahead_run_in_place_of_jit_and_compile_on_the_pool():
     """compile_ahead compiles each (function, arguments) once, on its worker threads, and the
     function then runs those programs for calls with the same key, with jit's results; a call with
-    another key compiles through jit as usual; a compilation's error is raised by compile_ahead."""
+    another key compiles through jit as usual; a compilation's error is raised by compile_ahead, or
+    handed to its on_error while the other programs compile."""
     import threading
 
     import jax
@@ -325,3 +326,10 @@ def test_programs_compiled_ahead_run_in_place_of_jit_and_compile_on_the_pool():
         with pytest.raises(Exception, match="No such compile option"):
             compile_ahead([(bad, (w, batches[0]))])
         assert not bad.programs
+        # With on_error, the failure is handed over and the other programs are still compiled.
+        good = CompiledAhead(jax.jit(affine), key=lambda w, b: 0)
+        failed = []
+        jobs = [(bad, (w, batches[0])), (good, (w, batches[0]))]
+        compile_ahead(jobs, on_error=lambda f, e: failed.append((f, str(e))))
+        assert [f for f, _ in failed] == [bad] and "No such compile option" in failed[0][1]
+        assert not bad.programs and list(good.programs) == [0]
