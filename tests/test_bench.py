@@ -152,7 +152,7 @@ def test_a_variant_that_does_not_compile_leaves_the_race(capsys):
 def test_race_alternates_and_reverses_its_rounds():
     """Each contender is called once to warm up, then ``repeats`` times, every round in the reverse
     order of the one before, so that no contender always follows the same neighbour; the medians are
-    of the timed calls only."""
+    of the timed calls only. A contender that may fail and whose first call does leaves the race."""
     assert bench_vs_torch.race_order(["a", "b", "c"], 4) == [
         ["a", "b", "c"],
         ["c", "b", "a"],
@@ -165,6 +165,15 @@ def test_race_alternates_and_reverses_its_rounds():
     assert calls == ["a", "b", "c"] + ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
     assert set(seconds) == {"a", "b", "c"}
     assert all(s["wall"] >= 0 and s["cpu"] >= 0 for s in seconds.values())
+
+    def fails():
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory\nmore")
+
+    contenders = {"a": lambda: None, "what-if": fails}
+    assert set(bench_vs_torch.race(contenders, 2, may_fail={"what-if"})) == {"a"}
+    assert list(contenders) == ["a"]
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        bench_vs_torch.race({"a": lambda: None, "ours": fails}, 2, may_fail={"what-if"})
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
