@@ -82,7 +82,7 @@ run() {  # run NAME SECONDS CMD...: runs CMD for at most SECONDS and what is lef
   ((limit > left)) && limit=$left
   echo "+ [$name, at $((SECONDS - start)) s, limit ${limit} s] $*" | tee -a "$log"
   local part_start=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$log"  # KILL 10 s after TERM: a process stuck in a GPU call
   local rc=${PIPESTATUS[0]}
   echo "-- $name took $((SECONDS - part_start)) s" | tee -a "$log"
   if ((rc != 0)); then
