@@ -229,37 +229,41 @@ def jax_step(
     return run
 
 
-def compile_contenders(contenders: dict[str, Callable[[], None]]) -> None:
+def compile_contenders(contenders: dict[str, Callable[[], None]], may_fail: Collection[str] = ()) -> None:
     """Compiles our steps among ``contenders`` before the race, several at once
     (``compilation.compile_ahead``: traced one after the other, compiled on a pool of threads, one
     per core this process may run on), and prints how long that took. On a GPU host, where each
     BERT-base step compiled for 30-45 s one after the other, and the host has many cores, that
-    was most of a lent machine's minutes. A variant that does not compile leaves ``contenders``
-    with one line saying why, so that one loan's race is not lost to one refused option."""
-    jobs = [run.ahead for run in contenders.values() if hasattr(run, "ahead")]
-    if not jobs:
+    was most of a lent machine's minutes. A contender named in ``may_fail`` that does not compile
+    (a variant with an XLA option the backend lacks, say) leaves ``contenders`` with one line
+    saying why, so that one loan's race is not lost to one refused option; any other's error is
+    raised."""
+    ahead = {name: run.ahead for name, run in contenders.items() if hasattr(run, "ahead")}
+    if not ahead:
         return
-    names = {id(run.ahead[0]): name for name, run in contenders.items() if hasattr(run, "ahead")}
-    dropped = []
+    names = {id(fn): name for name, (fn, _) in ahead.items()}
+    failed = []
 
-    def drop(fn, error: Exception) -> None:
-        # A what-if form this backend refuses (an XLA option it lacks, say) leaves the race; the
-        # others run. Ours without a variant is what every figure is measured against.
-        name = names[id(fn)]
-        if name in BASELINES:
+    def leave(fn, error: Exception) -> None:
+        if names[id(fn)] not in may_fail:
             raise error
-        del contenders[name]
-        dropped.append(name)
-        print(f"  {name} left the race: it does not compile here: {str(error).splitlines()[0]}", flush=True)
+        failed.append(names[id(fn)])
+        _leave_race(contenders, names[id(fn)], "it does not compile here", error)
 
-    workers = min(len(jobs), max(2, usable_cores()))
+    workers = min(len(ahead), max(2, usable_cores()))
     start = time.perf_counter()
-    compile_ahead(jobs, workers=workers, on_error=drop)
+    compile_ahead(list(ahead.values()), workers=workers, on_error=leave)
     print(
-        f"  compiled our {len(jobs) - len(dropped)} steps in {time.perf_counter() - start:.1f} s, "
+        f"  compiled our {len(ahead) - len(failed)} steps in {time.perf_counter() - start:.1f} s, "
         f"{workers} at a time",
         flush=True,
     )
+
+
+def _leave_race(contenders: dict, name: str, why: str, error: Exception) -> None:
+    """Takes ``name`` out of ``contenders``, with one line saying why."""
+    del contenders[name]
+    print(f"  {name} left the race: {why}: {str(error).splitlines()[0]}", flush=True)
 
 
 @contextlib.contextmanager
@@ -461,8 +465,7 @@ def race(
         except Exception as error:
             if name not in may_fail:
                 raise
-            del contenders[name]
-            print(f"  {name} left the race: its first call failed: {str(error).splitlines()[0]}", flush=True)
+            _leave_race(contenders, name, "its first call failed", error)
             continue
         print(
             f"  first call of {name}: {time.perf_counter() - wall:.1f} s (compiling, or warming up)",
@@ -568,8 +571,9 @@ def main() -> None:
                 contenders[f"ours GAML {name}"] = jax_step(
                     config, params, "gaml", device_batch, **variant_options(name)
                 )
-    compile_contenders(contenders)
-    seconds = race(contenders, repeats, may_fail=set(contenders) - set(BASELINES))
+    what_ifs = set(contenders) - set(BASELINES)  # may leave the race; the baselines may not
+    compile_contenders(contenders, may_fail=what_ifs)
+    seconds = race(contenders, repeats, may_fail=what_ifs)
 
     # Each contender's FLOPs as it computes them: ours skips the last layer's other rows.
     def computed(name: str) -> float:
