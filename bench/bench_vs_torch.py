@@ -58,6 +58,7 @@ from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer,
 
 SHAPES = {
     "minilm": dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536),
+    "bert-medium": dict(num_hidden_layers=8, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
     "bert-base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
 }
 LR, EXIT_LR, WEIGHT_DECAY, CLIP = 2e-5, 2e-4, 0.01, 1.0
@@ -134,6 +135,10 @@ VARIANTS = {
         "kernel gradients as XLA forms them, contracting the tokens (model.TRANSPOSED_WEIGHT_GRADIENTS off)",
         {"transposed_weight_gradients": False},
     ),
+    "eigen-narrow-dw": (
+        "narrowing kernels' gradients as XLA forms them (model.TRANSPOSED_NARROWING_WEIGHT_GRADIENTS off)",
+        {"transposed_narrowing_weight_gradients": False},
+    ),
     "upcast-bf16": (
         "bfloat16 products as XLA forms them, inputs converted to float32 (model.NATIVE_BF16_PRODUCTS off)",
         {"native_bf16_products": False},
@@ -184,6 +189,7 @@ def jax_step(
     grad_mode: str = "vjp",
     model_options: dict | None = None,
     transposed_weight_gradients: bool | None = None,
+    transposed_narrowing_weight_gradients: bool | None = None,
     native_bf16_products: bool | None = None,
     cls_only_last_layer: bool | None = None,
     transposes_by_copy: bool | None = None,
@@ -196,6 +202,7 @@ def jax_step(
     state = create_train_state(jax.tree.map(jnp.copy, params), tx)  # the step donates its state
     switches = {
         "TRANSPOSED_WEIGHT_GRADIENTS": transposed_weight_gradients,
+        "TRANSPOSED_NARROWING_WEIGHT_GRADIENTS": transposed_narrowing_weight_gradients,
         "NATIVE_BF16_PRODUCTS": native_bf16_products,
         "CLS_ONLY_LAST_LAYER": cls_only_last_layer,
         "TRANSPOSES_BY_COPY": transposes_by_copy,

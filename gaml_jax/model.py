@@ -57,6 +57,31 @@ _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 # Measured side by side (bench/bench_vs_torch.py --variants eigen-dw; docs/performance.md).
 # False: XLA's own form, as before. Read when a function is traced.
 TRANSPOSED_WEIGHT_GRADIENTS = True
+# And a Dense that narrows it (the feed-forward's output, intermediate -> hidden), with a kernel of
+# at most _NARROWING_MAX_SIZE entries and at least _NARROWING_MIN_WIDTH outputs: its kernel's
+# gradient is the product of a transposed copy of the cotangent and the input (YNNPACK's form),
+# transposed by a copy (_unfolded_transpose). On a 2-core AVX-512 box XLA's form took 1.033 ±
+# 0.014 of the MiniLM float32 CE step's time (eleven runs; GAML's 1.00 ± 0.01), 1.016 of
+# BERT-medium's (512 -> 2048, four runs); BERT-base's (768 -> 3072) took 0.95-0.98 of it (two runs),
+# where the copies cost more than the product gains, so larger kernels keep XLA's form. Measured
+# side by side (bench/bench_vs_torch.py --variants eigen-narrow-dw; docs/performance.md).
+# False: XLA's form, as before. Read when a function is traced.
+TRANSPOSED_NARROWING_WEIGHT_GRADIENTS = True
+_NARROWING_MAX_SIZE = 2**20
+_NARROWING_MIN_WIDTH = 64
+
+
+def _unfolded_transpose(a: Array, keep: Array) -> Array:
+    """``a.T`` for a 2-D ``a``, copied into an array of its own rather than folded into the product
+    that reads it (which XLA:CPU would then run as an Eigen product contracting the tokens).
+
+    A ``lax.cond`` on ``keep`` whose branches are ``a.T`` and ``a.T * 1.0``: XLA folds transposes
+    into products before it finds the two branches equal and drops the conditional, so the
+    transposition stays a copy (a plain one: a conditional kept to run costs its step about 2% on
+    the CPU, measured). ``keep`` must not be a constant, which XLA would fold at once; inside a
+    derivative rule it must come from primal values. Either branch is ``a.T`` exactly, and linear in
+    ``a``."""
+    return jax.lax.cond(keep, lambda a: a.T, lambda a: a.T * jnp.asarray(1, a.dtype), a)
 
 
 @jax.custom_jvp
@@ -72,15 +97,26 @@ def _dense_dot_jvp(primals, tangents):
     ``transpose(x) @ cotangent``, a product whose left operand contracts its last axis, which
     XLA:CPU hands to YNNPACK; JAX's own rule contracts both operands' leading axes (the tokens),
     which XLA:CPU leaves to Eigen's slower kernel. The copy is computed in the forward pass and kept
-    for the backward pass in place of ``x``; the gradient is the same sums, added in another order."""
+    for the backward pass in place of ``x``; the gradient is the same sums, added in another order.
+
+    For a narrowing kernel (``in > out``) that copy would be of the wide input. The second term is
+    then ``copy(copy(dkernel.T) @ x.T)`` (:func:`_unfolded_transpose`), whose transposition makes
+    the kernel's cotangent ``copy(copy(cotangent.T) @ x)``: YNNPACK's form again, the copies those
+    of the narrow cotangent and of the kernel-sized product."""
     (x, kernel), (dx, dkernel) = primals, tangents
     y = _dense_dot(x, kernel)
     terms = []
     if not isinstance(dx, SymbolicZero):
         terms.append(_dense_dot(dx, kernel))
     if not isinstance(dkernel, SymbolicZero):
-        x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)  # [in, tokens]
-        terms.append(jax.lax.dot_general(x_t, dkernel, (((0,), (0,)), ((), ()))).reshape(y.shape))
+        rows = x.reshape(-1, x.shape[-1])  # [tokens, in]
+        if kernel.shape[0] <= kernel.shape[1]:  # widening
+            x_t = jax.lax.optimization_barrier(rows.T)  # [in, tokens]
+            terms.append(jax.lax.dot_general(x_t, dkernel, (((0,), (0,)), ((), ()))).reshape(y.shape))
+        else:  # narrowing: the kernel's cotangent is then copy(copy(cotangent.T) @ x)
+            keep = jnp.isfinite(rows[0, 0])  # a value of the primal's (_unfolded_transpose)
+            y_t = jax.lax.dot_general(_unfolded_transpose(dkernel, keep), rows, (((1,), (1,)), ((), ())))
+            terms.append(_unfolded_transpose(y_t, keep).reshape(y.shape))  # y_t: [out, tokens]
     if not terms:
         return y, jnp.zeros_like(y)
     return y, functools.reduce(jnp.add, terms)
@@ -190,12 +226,12 @@ _dense_dot_bf16.defvjp(_dense_dot_bf16_fwd, _dense_dot_bf16_bwd)
 def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """``nn.Dense``'s product: :func:`_dense_dot_bf16` for a bfloat16 Dense on a CPU with bfloat16
     products (``NATIVE_BF16_PRODUCTS``), :func:`_dense_dot` for a widening float32 Dense on the CPU
-    (``TRANSPOSED_WEIGHT_GRADIENTS``), else ``lax.dot_general`` as Flax calls it.
+    (``TRANSPOSED_WEIGHT_GRADIENTS``) and for a narrowing one with at most ``_NARROWING_MAX_SIZE``
+    kernel entries and at least ``_NARROWING_MIN_WIDTH`` outputs
+    (``TRANSPOSED_NARROWING_WEIGHT_GRADIENTS``), else ``lax.dot_general`` as Flax calls it.
 
-    ``_dense_dot`` only for widening ones (input width <= output width): for a narrowing one (the
-    feed-forward's output, intermediate -> hidden) the copy to transpose is the wide input, which
-    costs about what the faster product saves. Off the CPU, GPU and TPU libraries take either
-    layout at full speed, and multiply 16-bit inputs natively whatever the output's type.
+    Off the CPU, GPU and TPU libraries take either layout at full speed, and multiply 16-bit inputs
+    natively whatever the output's type.
     """
     (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
     on_cpu = jax.default_backend() == "cpu"
@@ -216,9 +252,18 @@ def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
         and cpu_has_bf16_products()
     ):
         return _dense_dot_bf16(lhs, rhs)
-    widening = lhs.shape[-1] <= rhs.shape[-1]
-    if plain and widening and TRANSPOSED_WEIGHT_GRADIENTS and on_cpu:
-        return _dense_dot(lhs, rhs)
+    if plain and on_cpu:
+        width_in, width_out = rhs.shape
+        if width_in <= width_out:
+            transposed = TRANSPOSED_WEIGHT_GRADIENTS
+        else:
+            transposed = (
+                TRANSPOSED_NARROWING_WEIGHT_GRADIENTS
+                and width_out >= _NARROWING_MIN_WIDTH
+                and rhs.size <= _NARROWING_MAX_SIZE
+            )
+        if transposed:
+            return _dense_dot(lhs, rhs)
     return jax.lax.dot_general(
         lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
     )

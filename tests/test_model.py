@@ -572,12 +572,20 @@ def test_the_token_type_gradient_is_no_scatter_into_its_few_rows(tiny, dtype):
     assert f"{table}[{cfg.vocab_size},{cfg.hidden_size}]" in written, written
 
 
-@pytest.mark.parametrize("widths", [(3, 7), (7, 3)], ids=["widening", "narrowing"])
-def test_dense_product_and_its_derivatives_match_numpy(widths):
-    """The Dense product (``model._dense_dot_general``, whose widening form on the CPU has its own
-    derivative rule) against numpy: value, both gradients, forward mode with one tangent or both."""
+@pytest.mark.parametrize(
+    "widths, narrowing_rule",
+    [((3, 7), True), ((7, 3), True), ((7, 3), False)],
+    ids=["widening", "narrowing", "narrowing-xla"],
+)
+def test_dense_product_and_its_derivatives_match_numpy(monkeypatch, widths, narrowing_rule):
+    """The Dense product (``model._dense_dot_general``, whose widening and narrowing forms on the
+    CPU have their own derivative rule) against numpy: value, both gradients, forward mode with one
+    tangent or both. The narrowing rule here for a 3-wide output (``_NARROWING_MIN_WIDTH`` lowered),
+    and XLA's own form with it off."""
     from gaml_jax.model import _dense_dot_general
 
+    monkeypatch.setattr(model_lib, "_NARROWING_MIN_WIDTH", 1)
+    monkeypatch.setattr(model_lib, "TRANSPOSED_NARROWING_WEIGHT_GRADIENTS", narrowing_rule)
     rng = np.random.default_rng(3)
     d_in, d_out = widths
     x = rng.normal(size=(2, 5, d_in)).astype(np.float32)
@@ -601,6 +609,28 @@ def test_dense_product_and_its_derivatives_match_numpy(widths):
     _, only_k = jax.jvp(lambda k: dot(x, k), (kernel,), (tk,))
     close(only_k, x @ tk)
     assert jax.jit(dot)(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+    # Under vmap (GAML's grad_mode="vmap" batches two cotangents through one pull-back).
+    cots = np.stack([cot, 2 * cot + 1])
+    _, pull = jax.vjp(dot, x, kernel)
+    gxs, gks = jax.jit(jax.vmap(pull))(cots)
+    for c, gx_c, gk_c in zip(cots, gxs, gks, strict=True):
+        close(gx_c, c @ kernel.T)
+        close(gk_c, x.reshape(-1, d_in).T @ c.reshape(-1, d_out))
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_unfolded_transpose_is_the_transposition_and_linear(keep):
+    """``model._unfolded_transpose``, either branch: ``a.T`` exactly, under jit with the predicate a
+    traced value, and its transposition (reverse mode) ``ct.T``."""
+    from gaml_jax.model import _unfolded_transpose
+
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(5, 3)).astype(np.float32)
+    ct = rng.normal(size=(3, 5)).astype(np.float32)
+    f = jax.jit(lambda a, keep: _unfolded_transpose(a, keep))
+    np.testing.assert_array_equal(f(a, keep), a.T)
+    (back,) = jax.linear_transpose(lambda a: _unfolded_transpose(a, jnp.asarray(keep)), a)(ct)
+    np.testing.assert_array_equal(back, ct.T)
 
 
 def _bf16(a) -> np.ndarray:
@@ -749,17 +779,30 @@ def test_bfloat16_model_gradients_with_bf16_products_stay_near_float32(tiny, mon
     assert errors[True] < BF16_REL_TOL, errors
 
 
-@pytest.mark.parametrize("transposed", [True, False], ids=["default", "off"])
-def test_widening_dense_kernel_gradients_contract_a_transposed_input(tiny, monkeypatch, transposed):
+@pytest.mark.parametrize(
+    "widening, narrowing",
+    [(True, True), (True, False), (False, True), (False, False), (True, "too large")],
+    ids=["default", "narrowing-off", "widening-off", "off", "narrowing-too-large"],
+)
+def test_dense_kernel_gradients_do_not_contract_the_tokens(tiny, monkeypatch, widening, narrowing):
     """XLA:CPU gives YNNPACK only products whose left operand contracts its last axis; JAX's rule
     for a kernel's gradient contracts the tokens, both operands' leading axes, and runs on Eigen's
-    slower kernel. With ``TRANSPOSED_WEIGHT_GRADIENTS`` (the default) no widening Dense's kernel
-    gradient (hidden -> hidden, hidden -> intermediate) is such a product; the feed-forward's
-    narrowing output keeps JAX's; off, every kernel gradient is one."""
+    slower kernel. In the compiled gradient (after XLA has folded what transpositions it can into
+    the products): with ``TRANSPOSED_WEIGHT_GRADIENTS`` (the default) no widening Dense's kernel
+    gradient (hidden -> hidden, hidden -> intermediate) is such a product, with
+    ``TRANSPOSED_NARROWING_WEIGHT_GRADIENTS`` (the default) no narrowing one (intermediate ->
+    hidden: the tiny model's kernel is within the rule's sizes); off, each is one. A narrowing
+    kernel of more than ``_NARROWING_MAX_SIZE`` entries keeps JAX's form."""
 
-    monkeypatch.setattr(model_lib, "TRANSPOSED_WEIGHT_GRADIENTS", transposed)
     model, params = load_pretrained(tiny.folder)
     batch, cfg = tiny.batch, model.config
+    hidden, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    assert hidden * inter <= model_lib._NARROWING_MAX_SIZE and hidden >= model_lib._NARROWING_MIN_WIDTH
+    monkeypatch.setattr(model_lib, "TRANSPOSED_WEIGHT_GRADIENTS", widening)
+    monkeypatch.setattr(model_lib, "TRANSPOSED_NARROWING_WEIGHT_GRADIENTS", bool(narrowing))
+    if narrowing == "too large":
+        monkeypatch.setattr(model_lib, "_NARROWING_MAX_SIZE", hidden * inter - 1)
+        narrowing = False
 
     def loss(params):
         out = model.apply(
@@ -767,24 +810,15 @@ def test_widening_dense_kernel_gradients_contract_a_transposed_input(tiny, monke
         )
         return jnp.sum(out.logits**2)
 
-    hlo = jax.jit(jax.grad(loss)).lower(params).as_text(dialect="hlo")
-    # Shapes of the products that contract the tokens (both operands' leading axes): "f32[64,256]".
-    token_contracting = re.findall(
-        r"= (f32\[[\d,]*\])\S* dot\([^)]*\), "
-        r"lhs_contracting_dims=\{0(?:,1)?\}, rhs_contracting_dims=\{0(?:,1)?\}",
-        hlo,
-    )
-    hidden, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    # A kernel's gradient comes out [in, out] or [out, in]: the feed-forward's two kernels (one
-    # widening, one narrowing) share their shapes; the attention's four and the poolers' are square.
-    feed_forward = sum(
-        token_contracting.count(s) for s in (f"f32[{hidden},{inter}]", f"f32[{inter},{hidden}]")
-    )
-    square = token_contracting.count(f"f32[{hidden},{hidden}]")
-    if transposed:
-        assert (square, feed_forward) == (0, layers), token_contracting
-    else:
-        assert square >= 4 * layers and feed_forward == 2 * layers, token_contracting
+    compiled = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    # Shapes of the products whose left operand contracts its leading axis: "f32[64,256]".
+    token_contracting = re.findall(r"= (f32\[[\d,]*\])\S* dot\([^)]*\), lhs_contracting_dims=\{0\}", compiled)
+    widening_ff = token_contracting.count(f"f32[{hidden},{inter}]")  # the intermediate's kernel
+    narrowing_ff = token_contracting.count(f"f32[{inter},{hidden}]")  # the output's
+    square = token_contracting.count(f"f32[{hidden},{hidden}]")  # the attention's four, the poolers'
+    assert narrowing_ff == (0 if narrowing else layers), token_contracting
+    assert widening_ff == (0 if widening else layers), token_contracting
+    assert (square == 0) if widening else (square >= 4 * layers), token_contracting
 
 
 def _cls_exit_logits(model, params, batch, **kwargs):
