@@ -75,7 +75,7 @@ def _unfolded_transpose(a: Array, keep: Array) -> Array:
     """``a.T`` for a 2-D ``a``, copied into an array of its own rather than folded into the product
     that reads it (which XLA:CPU would then run as an Eigen product contracting the tokens).
 
-    A ``lax.cond`` on ``keep`` whose branches are ``a.T`` and ``a.T * 1.0``: XLA folds transposes
+    A ``lax.cond`` on ``keep`` whose branches are ``a.T`` and ``a.T * 1``: XLA folds transposes
     into products before it finds the two branches equal and drops the conditional, so the
     transposition stays a copy (a plain one: a conditional kept to run costs its step about 2% on
     the CPU, measured). ``keep`` must not be a constant, which XLA would fold at once; inside a
@@ -114,7 +114,7 @@ def _dense_dot_jvp(primals, tangents):
             x_t = jax.lax.optimization_barrier(rows.T)  # [in, tokens]
             terms.append(jax.lax.dot_general(x_t, dkernel, (((0,), (0,)), ((), ()))).reshape(y.shape))
         else:  # narrowing: the kernel's cotangent is then copy(copy(cotangent.T) @ x)
-            keep = jnp.isfinite(rows[0, 0])  # a value of the primal's (_unfolded_transpose)
+            keep = jnp.isfinite(rows[0, 0])  # from the primal (see _unfolded_transpose)
             y_t = jax.lax.dot_general(_unfolded_transpose(dkernel, keep), rows, (((1,), (1,)), ((), ())))
             terms.append(_unfolded_transpose(y_t, keep).reshape(y.shape))  # y_t: [out, tokens]
     if not terms:
