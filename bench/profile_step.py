@@ -13,6 +13,9 @@ for a one-core picture that other load disturbs less).
     python bench/profile_step.py --method gaml --top 30
     python bench/profile_step.py --dump /tmp/prof      # + HLO text and the trace files
     taskset -c 0 python bench/profile_step.py          # one core
+
+On the CPU it also prints the time in which no operation's event runs on any XLA thread, and the
+operations after which the longest such gaps begin (``idle_gaps``).
 """
 
 from __future__ import annotations
@@ -84,6 +87,46 @@ def op_times(trace_dir: Path) -> dict[str, float]:
                 if not event.name.startswith(_NOT_OPS):
                     totals[event.name] += event.duration_ns / 1e3
     return totals
+
+
+def host_op_events(trace_dir: Path) -> list[tuple[int, int, str]]:
+    """(start ns, end ns, operation) of every XLA operation on the host's XLA threads (the CPU)."""
+    from jax.profiler import ProfileData
+
+    (xspace,) = trace_dir.rglob("*.xplane.pb")
+    return [
+        (event.start_ns, event.start_ns + event.duration_ns, event.name)
+        for plane in ProfileData.from_file(str(xspace)).planes
+        for line in plane.lines
+        if line.name.startswith("tf_XLA")
+        for event in line.events
+        if not event.name.startswith(_NOT_OPS)
+    ]
+
+
+def idle_gaps(events: list[tuple[int, int, str]]) -> tuple[int, int, list[tuple[int, str, str]]]:
+    """Where no operation's event runs on any thread: (idle ns, ns from the first start to the last
+    end, the gaps as (ns, the operation whose event ended last before it, the one that starts it)),
+    longest first.
+
+    On the CPU an Eigen product's worker tasks and YNNPACK's helper tasks have no events of their
+    own: a long gap after an operation is its tail (the sixteenth session found the feed-forward
+    output's kernel gradient as Eigen's product so, 10-11 ms a layer), short ones are dispatch.
+    """
+    gaps, idle = [], 0
+    if not events:
+        return 0, 0, gaps
+    ordered = sorted(events)
+    first = ordered[0][0]
+    last_end, last_name = ordered[0][1], ordered[0][2]
+    for start, end, name in ordered[1:]:
+        if start > last_end:
+            gaps.append((start - last_end, last_name, name))
+            idle += start - last_end
+        if end > last_end:
+            last_end, last_name = end, name
+    gaps.sort(key=lambda gap: -gap[0])
+    return idle, last_end - first, gaps
 
 
 def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str, str]]:
@@ -203,6 +246,25 @@ def main() -> None:
         opcode, shape, source = ops.get(name, ("?", "?", "?"))
         source = re.sub(r"layer_\d+", "layer_i", source).removeprefix("jit(train_step)/")
         print(f"{us / 1e3:9.1f} {us / total:6.1%}  {name:<24}{opcode:<8}{shape[:21]:<22}{source[:80]}")
+    if jax.default_backend() == "cpu":
+        idle, span, gaps = idle_gaps(host_op_events(out / "trace"))
+        long = [gap for gap in gaps if gap[0] >= 1e6]
+        print(
+            f"\nNo operation's event on any XLA thread for {idle / 1e6 / args.steps:.1f} ms of each "
+            f"{span / 1e6 / args.steps:.1f} ms step; {len(long) / args.steps:.1f} gaps of 1 ms or more a "
+            f"step, {sum(g[0] for g in long) / 1e6 / args.steps:.1f} ms (an Eigen product's or YNNPACK "
+            "fusion's tail has no events of its own). The operations before the longest:"
+        )
+        after = collections.defaultdict(list)
+        for ns, before, _ in long:
+            after[before].append(ns)
+        for name, spans in sorted(after.items(), key=lambda kv: -sum(kv[1]))[:8]:
+            opcode, shape, source = ops.get(name, ("?", "?", "?"))
+            source = re.sub(r"layer_\d+", "layer_i", source).removeprefix("jit(train_step)/")
+            print(
+                f"{sum(spans) / 1e6 / args.steps:9.1f} ms a step after {name} ({len(spans)} gaps, "
+                f"{opcode} {shape[:21]}) {source[:70]}"
+            )
     if args.dump:
         print(f"HLO in {out / 'step.hlo.txt'}, trace in {out / 'trace'}")
 

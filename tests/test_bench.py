@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from bench import bench_compile, bench_vs_torch
+from bench import bench_compile, bench_vs_torch, profile_step
 from gaml_jax import model as model_lib
 from gaml_jax.config import ModelConfig
 from gaml_jax.model import MultiExitBert
@@ -277,3 +277,22 @@ def test_gpu_script_stops_where_jax_sees_no_gpu(tmp_path):
     assert "stopping: without JAX on the GPU" in done.stdout
     done, _ = _gpu_sh(tmp_path, "--cpu", "trian")
     assert done.returncode == 2 and "usage: bash bench/gpu.sh" in done.stderr
+
+
+def test_idle_gaps_are_the_time_no_event_covers_on_any_thread():
+    """``profile_step.idle_gaps``: the time between the first event's start and the last one's end
+    that no event covers, whatever thread each ran on, and each gap with the operation whose event
+    ended last before it (not the last to start) and the one after it."""
+    events = [  # (start, end, name); overlapping across threads, one event inside another
+        (0, 10, "a"),
+        (2, 4, "b"),  # inside a
+        (8, 12, "c"),  # overlaps a's end: no gap
+        (15, 20, "d"),  # a gap of 3 after c
+        (16, 30, "e"),
+        (17, 18, "f"),  # starts after e, ends first: the gap after it is e's
+        (40, 41, "g"),  # a gap of 10 after e
+    ]
+    idle, span, gaps = profile_step.idle_gaps(list(reversed(events)))  # any order
+    assert (idle, span) == (13, 41)
+    assert gaps == [(10, "e", "g"), (3, "c", "d")]
+    assert profile_step.idle_gaps([]) == (0, 0, [])
