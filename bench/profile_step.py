@@ -45,19 +45,24 @@ from gaml_jax.train_step import create_train_state, dropout_key, make_optimizer,
 _NOT_OPS = ("ThreadpoolListener::", "ThunkExecutor::", "SlinkyThreadPool::", "end: ", "$", "Wait for ")
 
 
-def op_times(trace_dir: Path) -> dict[str, float]:
-    """Microseconds per XLA operation: GPU kernel time on a GPU, else the host's XLA thread time.
+def trace_planes(trace_dir: Path) -> list:
+    """The planes of the trace ``jax.profiler.trace`` wrote into ``trace_dir``."""
+    from jax.profiler import ProfileData
+
+    (xspace,) = trace_dir.rglob("*.xplane.pb")
+    return list(ProfileData.from_file(str(xspace)).planes)
+
+
+def op_times(planes: list) -> dict[str, float]:
+    """Microseconds per XLA operation of a trace's ``planes`` (:func:`trace_planes`): GPU kernel
+    time on a GPU, else the host's XLA thread time.
 
     On a GPU each kernel on the device's streams counts towards the HLO operation it was emitted
     for (the kernel's ``hlo_op`` statistic), or under the kernel's own name where that names a
     CUDA graph (``command_buffer_N``) or nothing: XLA names a fusion's kernel after the fusion,
     with "_" for "." (see :func:`hlo_ops`, which answers to both spellings).
     """
-    from jax.profiler import ProfileData
-
-    (xspace,) = trace_dir.rglob("*.xplane.pb")
     totals: dict[str, float] = collections.defaultdict(float)
-    planes = list(ProfileData.from_file(str(xspace)).planes)
     devices = [plane for plane in planes if plane.name.startswith("/device:GPU")]
     for plane in devices:
         for line in plane.lines:
@@ -79,24 +84,17 @@ def op_times(trace_dir: Path) -> dict[str, float]:
                 [ln.name for p in devices for ln in p.lines],
             )
         return totals
-    for plane in planes:
-        for line in plane.lines:
-            if not line.name.startswith("tf_XLA"):  # XLA's worker threads run the operations
-                continue
-            for event in line.events:
-                if not event.name.startswith(_NOT_OPS):
-                    totals[event.name] += event.duration_ns / 1e3
+    for start, end, name in host_op_events(planes):
+        totals[name] += (end - start) / 1e3
     return totals
 
 
-def host_op_events(trace_dir: Path) -> list[tuple[int, int, str]]:
-    """(start ns, end ns, operation) of every XLA operation on the host's XLA threads (the CPU)."""
-    from jax.profiler import ProfileData
-
-    (xspace,) = trace_dir.rglob("*.xplane.pb")
+def host_op_events(planes: list) -> list[tuple[int, int, str]]:
+    """(start ns, end ns, operation) of every XLA operation of a trace's ``planes`` on the host's
+    XLA threads (the CPU), which run the operations."""
     return [
         (event.start_ns, event.start_ns + event.duration_ns, event.name)
-        for plane in ProfileData.from_file(str(xspace)).planes
+        for plane in planes
         for line in plane.lines
         if line.name.startswith("tf_XLA")
         for event in line.events
@@ -140,6 +138,11 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str, str]]:
     # GPU kernels are named after their fusion with "_" for "." and "-" (loop_add_fusion_3).
     ops.update({re.sub(r"[.\-]", "_", name): op for name, op in list(ops.items())})
     return ops
+
+
+def short_source(source: str) -> str:
+    """An operation's op_name as the tables print it: ``layer_i`` for any layer, no ``jit(train_step)/``."""
+    return re.sub(r"layer_\d+", "layer_i", source).removeprefix("jit(train_step)/")
 
 
 def category(source: str) -> str:
@@ -223,7 +226,8 @@ def main() -> None:
             state, metrics = compiled(state, batch, rng)
             jax.block_until_ready(metrics)
         wall = time.perf_counter() - start
-    per_step = {name: us / args.steps for name, us in op_times(out / "trace").items()}
+    planes = trace_planes(out / "trace")
+    per_step = {name: us / args.steps for name, us in op_times(planes).items()}
     total = sum(per_step.values())
     ops = hlo_ops(compiled.as_text())
     timed = "GPU kernel" if jax.default_backend() == "gpu" else "XLA thread"
@@ -244,10 +248,10 @@ def main() -> None:
     print(f"{'ms':>9} {'share':>6}  {'operation':<24}{'opcode':<8}{'shape':<22}from")
     for name, us in sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]:
         opcode, shape, source = ops.get(name, ("?", "?", "?"))
-        source = re.sub(r"layer_\d+", "layer_i", source).removeprefix("jit(train_step)/")
-        print(f"{us / 1e3:9.1f} {us / total:6.1%}  {name:<24}{opcode:<8}{shape[:21]:<22}{source[:80]}")
+        where = short_source(source)[:80]
+        print(f"{us / 1e3:9.1f} {us / total:6.1%}  {name:<24}{opcode:<8}{shape[:21]:<22}{where}")
     if jax.default_backend() == "cpu":
-        idle, span, gaps = idle_gaps(host_op_events(out / "trace"))
+        idle, span, gaps = idle_gaps(host_op_events(planes))
         long = [gap for gap in gaps if gap[0] >= 1e6]
         print(
             f"\nNo operation's event on any XLA thread for {idle / 1e6 / args.steps:.1f} ms of each "
@@ -260,10 +264,9 @@ def main() -> None:
             after[before].append(ns)
         for name, spans in sorted(after.items(), key=lambda kv: -sum(kv[1]))[:8]:
             opcode, shape, source = ops.get(name, ("?", "?", "?"))
-            source = re.sub(r"layer_\d+", "layer_i", source).removeprefix("jit(train_step)/")
             print(
                 f"{sum(spans) / 1e6 / args.steps:9.1f} ms a step after {name} ({len(spans)} gaps, "
-                f"{opcode} {shape[:21]}) {source[:70]}"
+                f"{opcode} {shape[:21]}) {short_source(source)[:70]}"
             )
     if args.dump:
         print(f"HLO in {out / 'step.hlo.txt'}, trace in {out / 'trace'}")
