@@ -66,14 +66,19 @@ def test_both_sides_of_the_torch_comparison_step():
     bench_vs_torch.jax_forward(TINY, params, batch)()
 
 
+def _tiny_step_inputs():
+    """bench_vs_torch's batch on the device and TINY's random parameters, as a race steps on them."""
+    batch = jax.device_put(bench_vs_torch.make_batch(BATCH, SEQ, TINY.vocab_size))
+    return batch, MultiExitBert(TINY).init(jax.random.key(0), batch["input_ids"])["params"]
+
+
 def test_step_variants_take_the_same_step_but_for_what_they_change(monkeypatch):
     """``--variants``: the optimizer per tensor, an XLA option and the kernel gradients in XLA's
     form change how the step is computed, not its numbers, and so does a float32 residual stream
     under float32 compute; dropout bits from RngBitGenerator change the masks only. (The narrowing
     kernels' rule here for any width: TINY's outputs are narrower than its default minimum.)"""
     monkeypatch.setattr(model_lib, "_NARROWING_MIN_WIDTH", 1)
-    batch = jax.device_put(bench_vs_torch.make_batch(BATCH, SEQ, TINY.vocab_size))
-    params = MultiExitBert(TINY).init(jax.random.key(0), batch["input_ids"])["params"]
+    batch, params = _tiny_step_inputs()
     assert bench_vs_torch.variant_options("xla:xla_cpu_use_xnnpack=false") == {
         "compiler_options": {"xla_cpu_use_xnnpack": False}
     }
@@ -109,8 +114,7 @@ def test_steps_compiled_ahead_are_the_steps_each_variant_traces():
     traced with its own variant's model switches (the last layer for every row here, a program of
     its own), leaves the module's switches as they were, and takes the same steps as the step
     compiled at its first call."""
-    batch = jax.device_put(bench_vs_torch.make_batch(BATCH, SEQ, TINY.vocab_size))
-    params = MultiExitBert(TINY).init(jax.random.key(0), batch["input_ids"])["params"]
+    batch, params = _tiny_step_inputs()
     switch = model_lib.CLS_ONLY_LAST_LAYER
 
     def contenders():
@@ -136,8 +140,7 @@ def test_a_variant_that_does_not_compile_leaves_the_race(capsys):
     """One XLA option this backend lacks must not cost a lent machine's whole race: the variant
     that may fail leaves the contenders with one line, the others are compiled; our step itself,
     not among those that may fail, raises."""
-    batch = jax.device_put(bench_vs_torch.make_batch(BATCH, SEQ, TINY.vocab_size))
-    params = MultiExitBert(TINY).init(jax.random.key(0), batch["input_ids"])["params"]
+    batch, params = _tiny_step_inputs()
     bad = bench_vs_torch.variant_options("xla:xla_no_such_option=1")
     contenders = {
         "ours CE": bench_vs_torch.jax_step(TINY, params, "ce", batch),
