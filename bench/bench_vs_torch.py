@@ -139,6 +139,11 @@ VARIANTS = {
         "narrowing kernels' gradients as XLA forms them (model.TRANSPOSED_NARROWING_WEIGHT_GRADIENTS off)",
         {"transposed_narrowing_weight_gradients": False},
     ),
+    "strided-narrow-dw": (
+        "narrowing kernels' gradients left column-major, read strided by the optimizer "
+        "(model.ROW_MAJOR_NARROWING_GRADIENTS off)",
+        {"row_major_narrowing_gradients": False},
+    ),
     "upcast-bf16": (
         "bfloat16 products as XLA forms them, inputs converted to float32 (model.NATIVE_BF16_PRODUCTS off)",
         {"native_bf16_products": False},
@@ -190,6 +195,7 @@ def jax_step(
     model_options: dict | None = None,
     transposed_weight_gradients: bool | None = None,
     transposed_narrowing_weight_gradients: bool | None = None,
+    row_major_narrowing_gradients: bool | None = None,
     native_bf16_products: bool | None = None,
     cls_only_last_layer: bool | None = None,
     transposes_by_copy: bool | None = None,
@@ -203,6 +209,7 @@ def jax_step(
     switches = {
         "TRANSPOSED_WEIGHT_GRADIENTS": transposed_weight_gradients,
         "TRANSPOSED_NARROWING_WEIGHT_GRADIENTS": transposed_narrowing_weight_gradients,
+        "ROW_MAJOR_NARROWING_GRADIENTS": row_major_narrowing_gradients,
         "NATIVE_BF16_PRODUCTS": native_bf16_products,
         "CLS_ONLY_LAST_LAYER": cls_only_last_layer,
         "TRANSPOSES_BY_COPY": transposes_by_copy,

@@ -69,19 +69,34 @@ TRANSPOSED_WEIGHT_GRADIENTS = True
 TRANSPOSED_NARROWING_WEIGHT_GRADIENTS = True
 _NARROWING_MAX_SIZE = 2**20
 _NARROWING_MIN_WIDTH = 64
+# With it, that kernel's gradient leaves its last transposition copied in row-major order
+# (_unfolded_transpose's row_major_cotangent). Else XLA leaves the transposition in the layout
+# (column-major, a bitcast) and fuses it into every consumer: the flat optimizer's two AdamW passes
+# over the kernel then read it strided, 1.0-1.6 ms each against 0.3 ms (MiniLM, 32 x 64). Measured
+# side by side (bench/bench_vs_torch.py --variants strided-narrow-dw; docs/performance.md).
+# False: as before. Read when a function is traced.
+ROW_MAJOR_NARROWING_GRADIENTS = True
 
 
-def _unfolded_transpose(a: Array, keep: Array) -> Array:
+def _unfolded_transpose(a: Array, keep: Array, *, row_major_cotangent: bool = False) -> Array:
     """``a.T`` for a 2-D ``a``, copied into an array of its own rather than folded into the product
     that reads it (which XLA:CPU would then run as an Eigen product contracting the tokens).
 
-    A ``lax.cond`` on ``keep`` whose branches are ``a.T`` and ``a.T * 1``: XLA folds transposes
-    into products before it finds the two branches equal and drops the conditional, so the
-    transposition stays a copy (a plain one: a conditional kept to run costs its step about 2% on
-    the CPU, measured). ``keep`` must not be a constant, which XLA would fold at once; inside a
-    derivative rule it must come from primal values. Either branch is ``a.T`` exactly, and linear in
-    ``a``."""
-    return jax.lax.cond(keep, lambda a: a.T, lambda a: a.T * jnp.asarray(1, a.dtype), a)
+    A ``lax.cond`` on ``keep`` whose branches are ``a.T`` and ``a.T * 1``, which XLA cannot fold
+    into the product across the conditional: the transposition becomes a layout (a bitcast) inside
+    it, and a plain copy where the product reads it. ``keep`` must not be a constant, which XLA would
+    fold at once; inside a derivative rule it must come from primal values. Either branch is ``a.T``
+    exactly, and linear in ``a``.
+
+    With ``row_major_cotangent`` the conditional takes ``a`` flattened, so that in reverse mode its
+    transpose returns the cotangent flattened: transposed by a copy inside the conditional, in
+    row-major order, where XLA would otherwise leave it column-major and have each of its readers
+    (the optimizer's passes) read it strided. The value is the same."""
+    one = jnp.asarray(1, a.dtype)
+    if not row_major_cotangent:
+        return jax.lax.cond(keep, lambda a: a.T, lambda a: a.T * one, a)
+    shape = a.shape
+    return jax.lax.cond(keep, lambda f: f.reshape(shape).T, lambda f: f.reshape(shape).T * one, a.reshape(-1))
 
 
 @jax.custom_jvp
@@ -102,7 +117,8 @@ def _dense_dot_jvp(primals, tangents):
     For a narrowing kernel (``in > out``) that copy would be of the wide input. The second term is
     then ``copy(copy(dkernel.T) @ x.T)`` (:func:`_unfolded_transpose`), whose transposition makes
     the kernel's cotangent ``copy(copy(cotangent.T) @ x)``: YNNPACK's form again, the copies those
-    of the narrow cotangent and of the kernel-sized product."""
+    of the narrow cotangent and of the kernel-sized product (the latter row-major, for the
+    optimizer to read in order: ``ROW_MAJOR_NARROWING_GRADIENTS``)."""
     (x, kernel), (dx, dkernel) = primals, tangents
     y = _dense_dot(x, kernel)
     terms = []
@@ -115,7 +131,8 @@ def _dense_dot_jvp(primals, tangents):
             terms.append(jax.lax.dot_general(x_t, dkernel, (((0,), (0,)), ((), ()))).reshape(y.shape))
         else:  # narrowing: the kernel's cotangent is then copy(copy(cotangent.T) @ x)
             keep = jnp.isfinite(rows[0, 0])  # from the primal (see _unfolded_transpose)
-            y_t = jax.lax.dot_general(_unfolded_transpose(dkernel, keep), rows, (((1,), (1,)), ((), ())))
+            dkernel_t = _unfolded_transpose(dkernel, keep, row_major_cotangent=ROW_MAJOR_NARROWING_GRADIENTS)
+            y_t = jax.lax.dot_general(dkernel_t, rows, (((1,), (1,)), ((), ())))
             terms.append(_unfolded_transpose(y_t, keep).reshape(y.shape))  # y_t: [out, tokens]
     if not terms:
         return y, jnp.zeros_like(y)

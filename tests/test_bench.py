@@ -99,6 +99,7 @@ def test_step_variants_take_the_same_step_but_for_what_they_change(monkeypatch):
         "f32-stream",
         "eigen-dw",
         "eigen-narrow-dw",
+        "strided-narrow-dw",
     ):  # TINY: float32
         for ours, theirs in zip(two_steps(**bench_vs_torch.variant_options(name)), base, strict=True):
             for key in ("ce", "kd", "grad_norm_ce"):

@@ -574,18 +574,19 @@ def test_the_token_type_gradient_is_no_scatter_into_its_few_rows(tiny, dtype):
 
 @pytest.mark.parametrize(
     "widths, narrowing_rule",
-    [((3, 7), True), ((7, 3), True), ((7, 3), False)],
-    ids=["widening", "narrowing", "narrowing-xla"],
+    [((3, 7), True), ((7, 3), True), ((7, 3), "column-major"), ((7, 3), False)],
+    ids=["widening", "narrowing", "narrowing-column-major", "narrowing-xla"],
 )
 def test_dense_product_and_its_derivatives_match_numpy(monkeypatch, widths, narrowing_rule):
     """The Dense product (``model._dense_dot_general``, whose widening and narrowing forms on the
     CPU have their own derivative rule) against numpy: value, both gradients, forward mode with one
     tangent or both. The narrowing rule here for a 3-wide output (``_NARROWING_MIN_WIDTH`` lowered),
-    and XLA's own form with it off."""
+    with its kernel gradient copied row-major (the default) or not, and XLA's own form with it off."""
     from gaml_jax.model import _dense_dot_general
 
     monkeypatch.setattr(model_lib, "_NARROWING_MIN_WIDTH", 1)
-    monkeypatch.setattr(model_lib, "TRANSPOSED_NARROWING_WEIGHT_GRADIENTS", narrowing_rule)
+    monkeypatch.setattr(model_lib, "TRANSPOSED_NARROWING_WEIGHT_GRADIENTS", bool(narrowing_rule))
+    monkeypatch.setattr(model_lib, "ROW_MAJOR_NARROWING_GRADIENTS", narrowing_rule is True)
     rng = np.random.default_rng(3)
     d_in, d_out = widths
     x = rng.normal(size=(2, 5, d_in)).astype(np.float32)
@@ -618,19 +619,20 @@ def test_dense_product_and_its_derivatives_match_numpy(monkeypatch, widths, narr
         close(gk_c, x.reshape(-1, d_in).T @ c.reshape(-1, d_out))
 
 
+@pytest.mark.parametrize("row_major_cotangent", [False, True])
 @pytest.mark.parametrize("keep", [True, False])
-def test_unfolded_transpose_is_the_transposition_and_linear(keep):
-    """``model._unfolded_transpose``, either branch: ``a.T`` exactly, under jit with the predicate a
-    traced value, and its transposition (reverse mode) ``ct.T``."""
+def test_unfolded_transpose_is_the_transposition_and_linear(keep, row_major_cotangent):
+    """``model._unfolded_transpose``, either branch, either form: ``a.T`` exactly, under jit with the
+    predicate a traced value, and its transposition (reverse mode, jitted too) ``ct.T``."""
     from gaml_jax.model import _unfolded_transpose
 
     rng = np.random.default_rng(4)
     a = rng.normal(size=(5, 3)).astype(np.float32)
     ct = rng.normal(size=(3, 5)).astype(np.float32)
-    f = jax.jit(lambda a, keep: _unfolded_transpose(a, keep))
-    np.testing.assert_array_equal(f(a, keep), a.T)
-    (back,) = jax.linear_transpose(lambda a: _unfolded_transpose(a, jnp.asarray(keep)), a)(ct)
-    np.testing.assert_array_equal(back, ct.T)
+    transpose = functools.partial(_unfolded_transpose, row_major_cotangent=row_major_cotangent)
+    np.testing.assert_array_equal(jax.jit(transpose)(a, keep), a.T)
+    back = jax.jit(lambda ct, keep: jax.linear_transpose(lambda a: transpose(a, keep), a)(ct)[0])
+    np.testing.assert_array_equal(back(ct, keep), ct.T)
 
 
 def _bf16(a) -> np.ndarray:
@@ -819,6 +821,37 @@ def test_dense_kernel_gradients_do_not_contract_the_tokens(tiny, monkeypatch, wi
     assert narrowing_ff == (0 if narrowing else layers), token_contracting
     assert widening_ff == (0 if widening else layers), token_contracting
     assert (square == 0) if widening else (square >= 4 * layers), token_contracting
+
+
+@pytest.mark.parametrize("row_major", [True, False], ids=["default", "off"])
+def test_narrowing_kernel_gradients_reach_the_optimizer_row_major(tiny, monkeypatch, row_major):
+    """The narrowing rule's kernel gradient ends in a transposition. Left to itself, XLA makes that
+    a column-major layout and has every reader (here an SGD update of the flattened parameters, as
+    the flat optimizer reads them) read it strided; with ``ROW_MAJOR_NARROWING_GRADIENTS`` (the
+    default) it is copied once, row-major. In the compiled update: no array shaped as a narrowing
+    kernel (intermediate -> hidden) is column-major; off, each layer's is."""
+    model, params = load_pretrained(tiny.folder)
+    batch, cfg = tiny.batch, model.config
+    assert cfg.hidden_size * cfg.intermediate_size <= model_lib._NARROWING_MAX_SIZE
+    monkeypatch.setattr(model_lib, "ROW_MAJOR_NARROWING_GRADIENTS", row_major)
+
+    def update(params):
+        def loss(params):
+            out = model.apply(
+                {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+            )
+            return jnp.sum(out.logits**2)
+
+        grads = jax.grad(loss)(params)
+        return jax.tree.map(lambda p, g: (p.ravel() - 0.1 * g.ravel()).reshape(p.shape), params, grads)
+
+    compiled = jax.jit(update).lower(params).compile().as_text()
+    # The update's own arrays, not those inside the conditionals' branches (where the copies are).
+    entry = compiled[compiled.index("\nENTRY") :]
+    entry = entry[: entry.index("\n}\n")]
+    kernel = f"f32[{cfg.intermediate_size},{cfg.hidden_size}]"
+    column_major = re.findall(rf"= {re.escape(kernel)}\{{0,1\}}", entry)
+    assert len(column_major) == (0 if row_major else cfg.num_hidden_layers), column_major
 
 
 def _cls_exit_logits(model, params, batch, **kwargs):
