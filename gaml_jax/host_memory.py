@@ -14,9 +14,13 @@ faults once the heap has settled, the same numbers: the MiniLM CE step 1.14x as 
 
 What it costs: the process keeps its peak heap, which grows over the first steps before it
 settles (the demo's peak RSS 4.5-4.7 GB against 2.8-3.2 GB), and with one arena for every thread
-XLA compiles about twice as slowly (two MiniLM GAML steps at once: 10.1-10.4 s against 5.2 s),
-the threads queueing for the heap's lock. So ``train.py``, whose steps outweigh its compiling,
-calls it; ``eval.py`` and ``predict.py``, mostly compiling, do not.
+XLA compiles about twice as slowly (two MiniLM GAML steps at once: 10.1-10.4 s against 5.2 s;
+one alone 6.5-7.0 s against 4.3-4.6 s), the threads queueing for the heap's lock. Two arenas
+would compile as fast as glibc's defaults, but glibc serves a block too large for a second
+arena's heaps (64 MB) with a fresh ``mmap`` even under ``M_MMAP_MAX=0``, and which thread lands in
+which arena is a race: in three of six GAML processes the step's temporaries were faulted in anew
+every step again (docs/performance.md, seventeenth session). So ``train.py``, whose steps outweigh its
+compiling, calls it; ``eval.py`` and ``predict.py``, mostly compiling, do not.
 
 It must run before JAX starts its CPU client: the client's worker threads pick their arena at
 their first ``malloc``. It does nothing off Linux's glibc, when JAX is headed for an accelerator
