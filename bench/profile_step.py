@@ -15,7 +15,10 @@ for a one-core picture that other load disturbs less).
     taskset -c 0 python bench/profile_step.py          # one core
 
 On the CPU it also prints the time in which no operation's event runs on any XLA thread, and the
-operations after which the longest such gaps begin (``idle_gaps``).
+operations after which the longest such gaps begin (``idle_gaps``), and the operations that read
+an operand XLA left in a transposed layout, strided unless they are the copy that undoes it
+(``column_major_reads``: how the seventeenth session found the optimizer reading a kernel
+gradient column-major).
 """
 
 from __future__ import annotations
@@ -138,6 +141,32 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str, str]]:
     # GPU kernels are named after their fusion with "_" for "." and "-" (loop_add_fusion_3).
     ops.update({re.sub(r"[.\-]", "_", name): op for name, op in list(ops.items())})
     return ops
+
+
+def column_major_reads(hlo_text: str) -> list[tuple[str, str, str]]:
+    """(reader, operand, the operand's shape and layout) for each operation of a compiled program's
+    entry computation that reads an array of two or more dimensions whose layout is not row-major
+    (minor-to-major not descending): a transposition XLA left in the layout, which the reader reads
+    strided unless it is the copy that undoes it. Readers that touch no data (a tuple's element, a
+    bitcast) are left out."""
+    entry = hlo_text[hlo_text.index("\nENTRY") :] if "\nENTRY" in hlo_text else hlo_text
+    lines = re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", entry, re.MULTILINE)
+    transposed = {}
+    for name, rest in lines:
+        layout = re.match(r"\(?\w+\[[\d,]*\]\{([\d,]*)\}\)? ", rest)
+        if layout and layout.group(1).count(",") >= 1:
+            minor_to_major = [int(d) for d in layout.group(1).split(",")]
+            if minor_to_major != sorted(minor_to_major, reverse=True):
+                transposed[name] = rest.split(" ", 1)[0].strip("()")
+    reads = []
+    for name, rest in lines:
+        call = re.search(r" ([\w\-]+)\(([^)]*)\)", rest)
+        if not call or call.group(1) in ("get-tuple-element", "bitcast", "tuple"):
+            continue
+        for operand in re.findall(r"%([\w.\-]+)", call.group(2)):
+            if operand in transposed:
+                reads.append((name, operand, transposed[operand]))
+    return reads
 
 
 def short_source(source: str) -> str:
@@ -267,6 +296,17 @@ def main() -> None:
             print(
                 f"{sum(spans) / 1e6 / args.steps:9.1f} ms a step after {name} ({len(spans)} gaps, "
                 f"{opcode} {shape[:21]}) {short_source(source)[:70]}"
+            )
+        reads = column_major_reads(compiled.as_text())
+        print(
+            f"\n{len(reads)} operations read an operand in a column-major (transposed) layout, "
+            "strided unless they are the copy that undoes it:"
+        )
+        for name, operand, shape in sorted(reads, key=lambda r: -per_step.get(r[0], 0))[:8]:
+            opcode, _, source = ops.get(name, ("?", "?", "?"))
+            print(
+                f"{per_step.get(name, 0) / 1e3:9.2f} ms a step  {name} ({opcode}) reads {operand} "
+                f"{shape}  {short_source(source)[:60]}"
             )
     if args.dump:
         print(f"HLO in {out / 'step.hlo.txt'}, trace in {out / 'trace'}")

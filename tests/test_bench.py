@@ -300,3 +300,35 @@ def test_idle_gaps_are_the_time_no_event_covers_on_any_thread():
     assert (idle, span) == (13, 41)
     assert gaps == [(10, "e", "g"), (3, "c", "d")]
     assert profile_step.idle_gaps([]) == (0, 0, [])
+
+
+def test_column_major_reads_are_the_entry_operations_reading_a_transposed_layout():
+    """``profile_step.column_major_reads``: in the entry computation only, each reader of a 2-D or
+    larger array whose minor-to-major layout is not descending, with that array's shape; row-major
+    arrays, vectors, the branches' own arrays and readers that touch no data (a tuple's element)
+    are not reported."""
+    hlo = """HloModule m
+
+%branch (p: f32[4,8]) -> f32[8,4] {
+  %p = f32[4,8]{1,0} parameter(0)
+  ROOT %t = f32[8,4]{0,1} transpose(%p), dimensions={1,0}
+}
+
+ENTRY %main (a: f32[4,8], v: f32[8]) -> f32[32] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %v = f32[8]{0} parameter(1)
+  %c = (f32[8,4]{0,1}) conditional(%pred, %a, %a), branch_computations={%branch, %branch}
+  %g = f32[8,4]{0,1} get-tuple-element(%c), index=0
+  %x = f32[2,4,8]{1,2,0} fusion(%a), kind=kLoop, calls=%f
+  %u = f32[32]{0} fusion(%g, %v), kind=kLoop, calls=%h
+  %w = f32[8,4]{1,0} copy(%g)
+  ROOT %y = f32[2,4,8]{2,1,0} add(%x, %x)
+}
+"""
+    reads = profile_step.column_major_reads(hlo)
+    assert reads == [
+        ("u", "g", "f32[8,4]{0,1}"),
+        ("w", "g", "f32[8,4]{0,1}"),
+        ("y", "x", "f32[2,4,8]{1,2,0}"),
+        ("y", "x", "f32[2,4,8]{1,2,0}"),
+    ], reads
