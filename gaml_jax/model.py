@@ -93,11 +93,9 @@ def _unfolded_transpose(a: Array, keep: Array, *, row_major_cotangent: bool = Fa
     transpose returns the cotangent flattened: transposed by a copy inside the conditional, in
     row-major order, where XLA would otherwise leave it column-major and have each of its readers
     (the optimizer's passes) read it strided. The value is the same."""
-    one = jnp.asarray(1, a.dtype)
-    if not row_major_cotangent:
-        return jax.lax.cond(keep, lambda a: a.T, lambda a: a.T * one, a)
-    shape = a.shape
-    return jax.lax.cond(keep, lambda f: f.reshape(shape).T, lambda f: f.reshape(shape).T * one, a.reshape(-1))
+    shape, one = a.shape, jnp.asarray(1, a.dtype)
+    operand = a.reshape(-1) if row_major_cotangent else a  # reshape(shape) is then a no-op
+    return jax.lax.cond(keep, lambda f: f.reshape(shape).T, lambda f: f.reshape(shape).T * one, operand)
 
 
 @jax.custom_jvp
