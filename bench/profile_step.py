@@ -235,6 +235,7 @@ def main() -> None:
         compiler_options=training_compiler_options(),
     )
     compiled = step.lower(state, batch, rng).compile()
+    hlo_text = compiled.as_text()  # one rendering, for the dump, the tables and the layout scan
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     print(
@@ -245,7 +246,7 @@ def main() -> None:
     out = Path(args.dump) if args.dump else Path(tempfile.mkdtemp(prefix="gaml-profile-"))
     out.mkdir(parents=True, exist_ok=True)
     if args.dump:
-        (out / "step.hlo.txt").write_text(compiled.as_text())
+        (out / "step.hlo.txt").write_text(hlo_text)
 
     state, metrics = compiled(state, batch, rng)  # warm-up
     jax.block_until_ready(metrics)
@@ -258,7 +259,7 @@ def main() -> None:
     planes = trace_planes(out / "trace")
     per_step = {name: us / args.steps for name, us in op_times(planes).items()}
     total = sum(per_step.values())
-    ops = hlo_ops(compiled.as_text())
+    ops = hlo_ops(hlo_text)
     timed = "GPU kernel" if jax.default_backend() == "gpu" else "XLA thread"
     print(
         f"traced {args.steps} steps: {wall / args.steps * 1e3:.1f} ms wall per step, "
@@ -297,7 +298,7 @@ def main() -> None:
                 f"{sum(spans) / 1e6 / args.steps:9.1f} ms a step after {name} ({len(spans)} gaps, "
                 f"{opcode} {shape[:21]}) {short_source(source)[:70]}"
             )
-        reads = column_major_reads(compiled.as_text())
+        reads = column_major_reads(hlo_text)
         print(
             f"\n{len(reads)} operations read an operand in a column-major (transposed) layout, "
             "strided unless they are the copy that undoes it:"
