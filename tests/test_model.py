@@ -890,7 +890,9 @@ def test_cls_only_last_layer_trains_as_every_row_does(tiny, monkeypatch, scan, e
         logits = _cls_exit_logits(
             model, params, batch, deterministic=False, rngs={"dropout": jax.random.key(11)}
         )
-        return jnp.sum(jnp.tanh(logits) * jnp.arange(logits.size).reshape(logits.shape)), logits
+        # sin, not tanh: these logits are large (O(1) classifiers), where tanh's derivative
+        # 1 - tanh**2 cancels in float32 and turns an ulp between the forms' logits into percents.
+        return jnp.sum(jnp.sin(logits) * jnp.arange(logits.size).reshape(logits.shape)), logits
 
     def run(cls_only: bool):
         monkeypatch.setattr(model_lib, "CLS_ONLY_LAST_LAYER", cls_only)  # read while tracing
