@@ -11,6 +11,8 @@ each):
 - ``defaults``: glibc's defaults (``GAML_JAX_MALLOC_DEFAULTS=1``): every step's temporaries are a
   fresh ``mmap``, faulted in page by page;
 - ``kept``: :func:`gaml_jax.host_memory.keep_host_memory`, what train.py does;
+- ``one-arena``: the form before the nineteenth session (``GAML_JAX_HOST_MEMORY=one-arena``): every
+  thread served from the main heap, programs dispatched to XLA's threads as JAX does;
 - ``huge-pages``: glibc's defaults with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (set before the
   process starts: glibc reads it only then), where the kernel allows transparent huge pages.
 
@@ -46,11 +48,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gaml_jax.host_memory import DEFAULTS_VARIABLE  # noqa: E402  (the standard library only: JAX stays unstarted)
+from gaml_jax.host_memory import (  # noqa: E402  (the standard library only: JAX stays unstarted)
+    DEFAULTS_VARIABLE,
+    FORM_VARIABLE,
+)
 
 FORMS = {
     "defaults": {DEFAULTS_VARIABLE: "1"},
     "kept": {},
+    "one-arena": {FORM_VARIABLE: "one-arena"},
     "huge-pages": {DEFAULTS_VARIABLE: "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
 }
 BUCKETS = (32, 48, 64)
@@ -119,7 +125,8 @@ def child(args: argparse.Namespace) -> None:
 
 def _form_env(form: str) -> dict[str, str]:
     """This process's environment with ``form``'s allocator settings in place of the caller's."""
-    env = {k: v for k, v in os.environ.items() if k not in (DEFAULTS_VARIABLE, "GLIBC_TUNABLES")}
+    ours = (DEFAULTS_VARIABLE, FORM_VARIABLE, "GLIBC_TUNABLES")
+    env = {k: v for k, v in os.environ.items() if k not in ours}
     return {**env, **FORMS[form]}
 
 
@@ -161,6 +168,7 @@ def run_train(form: str, args: argparse.Namespace) -> dict:
         "wall": wall,
         "user": usage.ru_utime,
         "sys": usage.ru_stime,
+        "faults": usage.ru_minflt,
         "rss_gb": usage.ru_maxrss / 1e6,
         "dev": dev[-1].strip() if dev else "",
     }
@@ -172,18 +180,22 @@ def bench_train(forms: list[str], args: argparse.Namespace) -> None:
         result = run_train(form, args)
         print(
             f"  round {r + 1}, {form}: {result['wall']:.1f} s wall, {result['user']:.1f} s user, "
-            f"{result['sys']:.1f} s system, peak RSS {result['rss_gb']:.2f} GB",
+            f"{result['sys']:.1f} s system, {result['faults']} page faults, "
+            f"peak RSS {result['rss_gb']:.2f} GB",
             flush=True,
         )
         runs[form].append(result)
     print(f"\ntrain.py, {args.train_steps or 'the default'} steps, medians over {args.rounds} rounds")
-    print(f"  {'form':<12}{'wall s':>8}{'x defaults':>11}{'user s':>8}{'system s':>10}{'peak RSS GB':>13}")
+    print(
+        f"  {'form':<12}{'wall s':>8}{'x defaults':>11}{'user s':>8}{'system s':>10}{'faults':>11}"
+        f"{'peak RSS GB':>13}"
+    )
     base = runs.get("defaults")
     for form, results in runs.items():
-        med = {key: statistics.median(x[key] for x in results) for key in ("wall", "user", "sys")}
+        med = {key: statistics.median(x[key] for x in results) for key in ("wall", "user", "sys", "faults")}
         print(
             f"  {form:<12}{med['wall']:8.1f}{_times(base, 'wall', med['wall'] * 1e3):>11}{med['user']:8.1f}"
-            f"{med['sys']:10.1f}{max(x['rss_gb'] for x in results):13.2f}"
+            f"{med['sys']:10.1f}{med['faults']:11.0f}{max(x['rss_gb'] for x in results):13.2f}"
         )
     same = len({x["dev"] for results in runs.values() for x in results}) == 1
     print(f"  the same last dev accuracies in every run: {same}")
