@@ -39,9 +39,10 @@ print(json.dumps({"status": status, "temp": temp, "faults": faults, "out": np.as
 """
 
 
-def _probe(mode: str, **env: str) -> dict:
+def _run(script: str, *argv: str, **env: str) -> subprocess.CompletedProcess:
+    """``script`` in a fresh Python process (one device, ``env`` added); asserts it succeeded."""
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, mode],
+        [sys.executable, "-c", script, *argv],
         capture_output=True,
         text=True,
         timeout=300,
@@ -49,7 +50,11 @@ def _probe(mode: str, **env: str) -> dict:
         env={**os.environ, "XLA_FLAGS": "", **env},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _probe(mode: str, **env: str) -> dict:
+    return json.loads(_run(PROBE, mode, **env).stdout.strip().splitlines()[-1])
 
 
 def _faulting(probe: dict) -> int:
@@ -93,15 +98,7 @@ def test_compiling_threads_have_heaps_of_their_own(form):
     # XLA compiles malloc-heavy on several threads: served from the one main heap they queued for
     # its lock (about 1.5x the compile time). Kept memory takes the main heap for the calling
     # thread only, running the one-device program there rather than on XLA's threads.
-    result = subprocess.run(
-        [sys.executable, "-c", ARENAS],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tiny.REPO_ROOT,
-        env={**os.environ, "XLA_FLAGS": "", host_memory.FORM_VARIABLE: form},
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = _run(ARENAS, **{host_memory.FORM_VARIABLE: form})
     probe = json.loads(result.stdout.strip().splitlines()[-1])
     arenas = sum(line.startswith("Arena ") for line in result.stderr.splitlines())
     if form == "one-arena":
@@ -112,17 +109,20 @@ def test_compiling_threads_have_heaps_of_their_own(form):
         assert arenas >= 2, result.stderr
 
 
-def test_an_unknown_form_is_refused_in_one_line():
+def test_an_unknown_form_is_refused_in_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-c", "from gaml_jax.host_memory import keep_host_memory; keep_host_memory()"],
+        [sys.executable, "train.py", "--workdir", str(tmp_path / "run")],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         cwd=tiny.REPO_ROOT,
         env={**os.environ, host_memory.FORM_VARIABLE: "two-arenas"},
     )
     assert result.returncode != 0
-    assert "GAML_JAX_HOST_MEMORY='two-arenas': unknown" in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "train.py: error: GAML_JAX_HOST_MEMORY='two-arenas': unknown; unset it, or set it to one-arena."
+    ]
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_the_defaults_variable_turns_it_off():
