@@ -12,7 +12,8 @@ step, 230-370 ms of kernel time on two cores, 12-14% of the step's wall clock
 and tells JAX to run a one-device program in the thread that calls it rather than on XLA's worker
 threads (``jax_cpu_enable_async_dispatch=False``). That caller is the main thread, whose heap is
 the main one, so a step's buffers reuse the pages of the step before: no page faults once the heap
-has settled, the same numbers: the MiniLM CE step 1.14x as fast, GAML 1.05x (docs/performance.md).
+has settled, the same numbers (the MiniLM CE step 1.14x as fast, GAML 1.05x, measured with the
+one-heap form below; docs/performance.md).
 
 Every other thread keeps an arena of its own, as glibc gives it. Until the nineteenth session
 every thread was served from the main heap (``M_ARENA_MAX=1``): XLA's worker threads allocated
