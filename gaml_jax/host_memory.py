@@ -26,11 +26,12 @@ step's three lengths compiled two at a time in 20-25 s against 30-37 s, CE's in 
 ``GAML_JAX_HOST_MEMORY=one-arena``.
 
 What it costs: the process keeps its peak heap, which grows over the first steps before it
-settles (the demo's peak RSS 4.5-4.7 GB against 2.8-3.2 GB). A program on several CPU devices
-(``--xla_force_host_platform_device_count``; likely several processes too) still runs on XLA's
-threads, and a step called from a thread other than the main one allocates from that thread's
-arena: their temporaries are faulted in anew each step, as under glibc's defaults. ``eval.py``
-and ``predict.py``, mostly compiling small programs, keep glibc's defaults.
+settles (the demo's peak RSS 4.5-4.7 GB against glibc's defaults' 2.8-3.2 GB, measured with the
+one-heap form; 60 steps of train.py peaked at 3.4-4.0 GB now, 4.2-5.0 GB one-heap). A program on
+several CPU devices (``--xla_force_host_platform_device_count``; likely several processes too)
+still runs on XLA's threads, and a step called from a thread other than the main one allocates
+from that thread's arena: their temporaries are faulted in anew each step, as under glibc's
+defaults. ``eval.py`` and ``predict.py``, mostly compiling small programs, keep glibc's defaults.
 
 It must run before JAX starts its CPU client, which reads the dispatch setting when it starts. It
 does nothing off Linux's glibc, when JAX is headed for an accelerator (the device's memory is not
